@@ -1,0 +1,552 @@
+"""A synthetic knowledge world for the embedded demo, written in DPR's real file formats.
+
+No pretrained generator and no real corpus exist offline, so the demo invents one: fictional
+people, towns, firms and bands with invented names, each described by one ~100-word passage
+(like DPR's 100-word Wikipedia chunks), and questions about them phrased unlike the passages.
+Held-out questions are about entities that no training question mentions, so only retrieval
+can answer them; answers are invented names or years from wide ranges, so guessing fails.
+
+Everything is drawn from `random.Random(seed)` and only lists are iterated (never sets, whose
+order depends on PYTHONHASHSEED), so one seed gives byte-identical files on every machine.
+
+    python -m rag_e2e.demo_world data/demo --seed 0 --tokenizer-dir data/demo/tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import io
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..4
+_ONSETS = "b br d dr f g gr h k kr l m n p pr r s st t tr v z th sh".split()
+_VOWELS = "a e i o u a e o i ae ei ou".split()
+_CODAS = ["", "", "", "", "n", "r", "l", "s", "m", "k", "x"]
+
+# ---------------------------------------------------------------- the world's phrasebook
+# Placeholders: {name} full name, {short} a later reference (surname, "the firm"), {he}/{his}
+# pronouns, {v} the fact's value, {desc} occupation/genre/trade, {adj} a kind of town.
+# Passages and questions share no phrasing on purpose: the question names the entity (so a
+# sentence encoder can find the passage) but the relation is worded differently.
+
+KIND_SHARE = {"person": 0.45, "city": 0.2, "company": 0.2, "band": 0.15}
+
+# relation -> (value kind, passage templates, question templates)
+RELATIONS: dict[str, dict[str, tuple[str, list[str], list[str]]]] = {
+    "person": {
+        "birthplace": ("city", [
+            "{short} was born in the {adj} town of {v}.", "{he} spent {his} early years in {v}, the town of {his} birth.",
+            "Born in {v}, {short} left home young.", "{his} family came from {v}, where {he} was born."], [
+            "Where does {name} come from?", "What is the hometown of {name}?",
+            "Which town is {name} originally from?", "Where was {name} born?"]),
+        "birth_year": ("year:1700-2000", [
+            "Parish records date {his} birth to {v}.", "{short} came into the world in {v}.",
+            "{he} was born in the year {v}.", "The year of {his} birth was {v}."], [
+            "In what year was {name} born?", "When was {name} born?",
+            "What is the birth year of {name}?", "In which year did the life of {name} begin?"]),
+        "employer": ("company", [
+            "For many years {short} worked for {v}.", "{he} later joined {v} as a {desc}.",
+            "{short} spent most of {his} career at {v}.", "{his} longest employment was with {v}."], [
+            "Which company employed {name}?", "Who was the employer of {name}?",
+            "For which firm did {name} work?", "What organisation hired {name}?"]),
+        "mentor": ("person", [
+            "{short} studied under {v}.", "{he} was trained by {v}.", "{his} teacher was {v}.",
+            "As a student {he} learned the craft from {v}."], [
+            "Who taught {name}?", "Who was the mentor of {name}?",
+            "Under whose guidance did {name} train?", "Who instructed {name} as a young apprentice?"]),
+        "work": ("title", [
+            "{his} best known work is {v}.", "{short} is remembered above all for {v}.",
+            "{his} most celebrated piece, {v}, is still studied.", "Critics praise {v} as {his} finest achievement."], [
+            "What is {name} famous for?", "Which work made {name} famous?",
+            "What is the masterpiece of {name}?", "Name the most acclaimed creation of {name}."]),
+    },
+    "city": {
+        "river": ("river", [
+            "{name} lies on the banks of the {v}.", "The {v} flows through the centre of {short}.",
+            "{short} grew up around a ford across the {v}.", "Boats on the {v} still carry goods past {short}."], [
+            "Which river runs through {name}?", "What river is {name} built on?",
+            "Name the river that crosses {name}.", "On which river does {name} stand?"]),
+        "founded": ("year:1100-1900", [
+            "{short} was founded in {v}.", "The first settlement at {name} dates from {v}.",
+            "A charter granted in {v} marks the beginning of {short}.", "Settlers arrived at the site in {v}."], [
+            "When was {name} established?", "In what year did {name} begin?",
+            "What year did settlers first build {name}?", "When did {name} come into existence?"]),
+        "founder": ("person", [
+            "Its founder was the merchant {v}.", "{short} owes its existence to {v}, who laid out the first streets.",
+            "The settlement was established by {v}.", "Local tradition credits {v} with founding the town."], [
+            "Who founded {name}?", "Who established the town of {name}?",
+            "Who is credited with creating {name}?", "Which person laid the foundations of {name}?"]),
+        "twin": ("city", [
+            "{short} is twinned with {v}.", "For generations {short} has kept a partnership with {v}.",
+            "A friendship treaty links {short} with {v}.", "Every summer a delegation from {v}, its sister town, visits."], [
+            "What is the sister city of {name}?", "Which town is {name} paired with?",
+            "Which town is partnered with {name}?", "With which place does {name} have a twinning arrangement?"]),
+        "export": ("goods", [
+            "The main trade of {short} is {v}.", "Most of the wealth of {short} comes from {v}.",
+            "Merchants ship {v} from its docks.", "{short} is known for producing {v}."], [
+            "What does {name} mainly export?", "What is the chief product of {name}?",
+            "What goods is {name} known for selling?", "What commodity made {name} rich?"]),
+    },
+    "company": {
+        "founded": ("year:1750-2015", [
+            "{name} was incorporated in {v}.", "The firm opened its doors in {v}.",
+            "{short} began trading in {v}.", "Its first office opened in {v}."], [
+            "When was {name} founded?", "In what year was {name} started?",
+            "What year did {name} begin business?", "In which year was {name} set up?"]),
+        "founder": ("person", [
+            "It was started by {v}.", "{v} founded the firm with borrowed money.",
+            "The company was the creation of {v}.", "Its founder, {v}, ran it for decades."], [
+            "Who started {name}?", "Who is the founder of {name}?",
+            "Which entrepreneur created {name}?", "Who set up {name}?"]),
+        "headquarters": ("city", [
+            "Its headquarters are in {v}.", "The head office stands in {v}.",
+            "{short} is based in {v}.", "From its offices in {v} the firm runs its business."], [
+            "Where is {name} headquartered?", "In which town is the main office of {name}?",
+            "Where is {name} located?", "What city hosts the headquarters of {name}?"]),
+        "product": ("product", [
+            "{short} is best known for the {v}.", "Its flagship product is the {v}.",
+            "The {v} made the firm famous.", "Sales of the {v} account for most of its revenue."], [
+            "What is the flagship product of {name}?", "What does {name} sell?",
+            "Which product is {name} known for?", "What item made {name} successful?"]),
+    },
+    "band": {
+        "formed": ("year:1950-2020", [
+            "The group formed in {v}.", "{name} played its first concert in {v}.",
+            "{short} came together in {v}.", "The line up first met in {v}."], [
+            "When did {name} form?", "In what year was {name} founded?",
+            "What year did {name} start playing?", "When was {name} put together?"]),
+        "singer": ("person", [
+            "Its lead vocalist is {v}.", "{v} sings and writes most of the songs.",
+            "The voice of the group belongs to {v}.", "{v} fronts the band."], [
+            "Who sings for {name}?", "Who is the lead singer of {name}?",
+            "Whose voice leads {name}?", "Who is the vocalist in {name}?"]),
+        "hometown": ("city", [
+            "The band comes from {v}.", "{short} was formed in the town of {v}.",
+            "Its members grew up together in {v}.", "{short} still rehearses in {v}, its home town."], [
+            "Where is {name} from?", "What is the home town of {name}?",
+            "Which town did {name} originate in?", "Where did the members of {name} grow up?"]),
+        "album": ("title", [
+            "Its debut album was {v}.", "The first record by {short}, {v}, sold well.",
+            "{short} released {v} as its first album.", "{v} was the record that launched the group."], [
+            "What was the first album of {name}?", "What debut record did {name} release?",
+            "Name the first LP by {name}.", "What was the earliest album of {name} called?"]),
+        "label": ("company", [
+            "The band is signed to {v}.", "Its records are released by {v}.",
+            "{v} distributes its music.", "A contract with {v} gave the group its break."], [
+            "Which label does {name} record for?", "Who publishes the records of {name}?",
+            "What company releases the music of {name}?", "Which record company signed {name}?"]),
+    },
+}
+
+INTROS = {
+    "person": ["{name} was a {desc}.", "{name} was a {desc} of some renown.",
+               "The {desc} {name} worked quietly for decades.", "{name} is remembered as a gifted {desc}."],
+    "city": ["{name} is a {desc} in the north of the country.", "{name} is a small {desc} on the southern plain.",
+             "{name} is an old {desc} in the eastern hills.", "{name} is a {desc} near the western coast."],
+    "company": ["{name} is a {desc} company.", "{name} is a firm in the {desc} trade.",
+                "{name} is a family business in {desc}.", "{name} is a mid sized {desc} concern."],
+    "band": ["{name} is a {desc} group.", "{name} is a {desc} band.",
+             "{name} is a touring {desc} ensemble.", "{name} is a well loved {desc} act."],
+}
+
+FILLERS = {
+    "person": [
+        "Contemporaries described {short} as restless and exacting.", "{he} rarely gave interviews and kept few letters.",
+        "Much of {his} early life is poorly documented.", "{he} travelled widely and wrote long letters home.",
+        "{short} worked late into the night and slept little.", "Friends remembered {his} dry humour and patience.",
+        "{he} was elected to several learned societies.", "Later in life {he} took on many pupils of {his} own.",
+        "A small museum now holds some of {his} papers.", "{his} methods were considered unusual at the time.",
+        "{he} married late and had no children.", "Several biographies have tried to explain {his} long silence.",
+    ],
+    "city": [
+        "The old quarter is known for its narrow lanes and covered markets.", "A stone bridge links the two halves of {short}.",
+        "{short} holds a large fair every autumn.", "Its cathedral was rebuilt twice after fires.",
+        "The climate is mild, with wet winters.", "A railway line reached {short} late in its history.",
+        "{short} has a small university and a public library.", "Its population grew quickly during the last century.",
+        "The town hall houses a collection of old maps.", "Visitors often remark on the painted houses along the square.",
+        "{short} is governed by an elected council.", "Many families have lived in {short} for generations.",
+    ],
+    "company": [
+        "The firm employs several hundred people.", "{short} survived two periods of near bankruptcy.",
+        "Its accounts are published every spring.", "The company has a reputation for careful engineering.",
+        "{short} expanded abroad after a long period of caution.", "Its workshops are open to visitors once a year.",
+        "The board has rarely changed over the years.", "{short} sponsors a local football club.",
+        "Its early catalogues are now collectors' items.", "Rival firms have often copied its designs.",
+        "A strike once closed the company for a whole season.", "{short} keeps an archive of its own history.",
+    ],
+    "band": [
+        "The group has toured widely.", "Critics have called its sound warm and unhurried.",
+        "{short} has changed drummers several times.", "Its concerts are known for long improvised passages.",
+        "The members share writing credits equally.", "{short} took a long break before returning to the stage.",
+        "Its songs often tell stories about the sea.", "The band has a loyal following in small venues.",
+        "{short} recorded its early songs in a converted barn.", "A documentary about the group appeared on television.",
+        "Its live recordings are popular with fans.", "The group rarely plays the same set twice.",
+    ],
+}
+
+WORDS = {
+    "person_desc": ["painter", "engineer", "sculptor", "poet", "cartographer", "botanist", "architect", "violinist",
+                    "chemist", "surveyor", "playwright", "astronomer", "weaver", "historian", "composer",
+                    "physician", "shipwright", "clockmaker", "printer", "mathematician"],
+    "city_desc": ["market town", "port", "mountain town", "river town", "mining town", "cathedral city",
+                  "garrison town", "fishing town"],
+    "company_desc": ["shipping", "textiles", "printing", "glassware", "instruments", "brewing", "ironworks",
+                     "medicines", "insurance", "clocks", "machinery", "porcelain"],
+    "band_desc": ["folk", "rock", "jazz", "brass", "choral", "electronic", "blues", "punk", "chamber", "pop"],
+    "town_adj": ["harbour", "mountain", "river", "market", "mining", "border", "garrison", "fishing"],
+    "firm_suffix": ["Works", "Industries", "Holdings", "Labs", "Systems", "Trading", "Foundry", "Mills"],
+    "band_suffix": ["Quartet", "Collective", "Ensemble", "Choir", "Orchestra", "Trio", "Sextet", "Brothers"],
+    "title_adj": ["Amber", "Silent", "Broken", "Golden", "Hollow", "Crimson", "Distant", "Winter", "Northern",
+                  "Burning", "Sleeping", "Silver", "Forgotten", "Painted", "Iron", "Glass", "Wandering",
+                  "Quiet", "Scarlet", "Frozen", "Hidden", "Last", "Bitter", "Velvet", "Drowned", "Eastern",
+                  "Salt", "Paper", "Lonely", "Restless"],
+    "title_noun": ["Gate", "Harbour", "Garden", "Lantern", "Orchard", "Tower", "Meadow", "Mirror", "Compass",
+                   "Chapel", "River", "Crown", "Bridge", "Window", "Shore", "Island", "Letter", "Season",
+                   "Forest", "Engine", "Voyage", "Feather", "Clock", "Mountain", "Anchor", "Candle", "Road",
+                   "Kingdom", "Archive", "Valley"],
+    "goods": ["copper", "wool", "salt", "timber", "silk", "amber", "tin", "linen", "honey", "tobacco", "pottery",
+              "marble", "leather", "cheese", "wine", "coal", "iron", "paper", "glass", "rope", "barley", "cider",
+              "lace", "furs", "saffron", "dyes", "soap", "candles", "herring", "oysters", "slate", "granite",
+              "walnuts", "olives", "hops", "flax", "pepper", "indigo", "pearls", "carpets"],
+}
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class QAExample:
+    question: str
+    answers: list[str]
+    gold_passage_id: str
+    entity: str  # the subject's name (the question mentions it); not written to the QA files
+    relation: str
+
+
+@dataclass
+class World:
+    seed: int
+    passages: list[Passage]
+    train: list[QAExample]
+    dev: list[QAExample]
+    test: list[QAExample]
+
+
+@dataclass
+class _Entity:
+    kind: str
+    name: str
+    shorts: list[str]  # how later sentences refer to it: surname, "the firm", ...
+    gender: str  # "m" / "f" for people, "n" otherwise
+    desc: str
+    facts: dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- invented vocabulary
+
+
+def _template_words() -> set[str]:
+    """Every lowercase English word the templates use: invented names must avoid them."""
+    texts = [t for rels in RELATIONS.values() for r in rels.values() for ts in r[1:] for t in ts]
+    texts += [t for ts in list(FILLERS.values()) + list(INTROS.values()) for t in ts]
+    texts += [w for ws in WORDS.values() for w in ws]
+    return {w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t)}
+
+
+def _invent(rng: random.Random, n: int, taken: set[str], syllables: Sequence[int] = (2, 2, 3)) -> list[str]:
+    """`n` new pronounceable capitalised words ("Velmora"), none already in `taken`."""
+    out: list[str] = []
+    while len(out) < n:
+        parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                 for _ in range(rng.choice(syllables))]
+        word = "".join(parts).capitalize()
+        if len(word) >= 4 and word.lower() not in taken:
+            taken.add(word.lower())
+            out.append(word)
+    return out
+
+
+def _counts(n_entities: int) -> dict[str, int]:
+    """Entities per kind; the last kind takes the rounding remainder."""
+    kinds = list(KIND_SHARE)
+    counts = {k: max(1, round(n_entities * KIND_SHARE[k])) for k in kinds[:-1]}
+    counts[kinds[-1]] = n_entities - sum(counts.values())
+    if counts[kinds[-1]] < 1 or counts["person"] < 4:
+        raise ValueError(f"n_entities={n_entities} is too small for a world (need >= 20)")
+    return counts
+
+
+def _make_entities(rng: random.Random, n_entities: int) -> list[_Entity]:
+    """Named entities of every kind, then their facts (values point at other entities)."""
+    counts = _counts(n_entities)
+    taken = _template_words()
+    n_p = counts["person"]
+    # Shared given names and surnames make similar-sounding people: the retriever's hard negatives.
+    given, surnames = _invent(rng, max(8, n_p // 3), taken), _invent(rng, max(8, n_p // 2), taken)
+    towns = _invent(rng, counts["city"] + counts["city"] // 2 + 10, taken)
+    firm_words, band_words = _invent(rng, max(4, counts["company"] // 2), taken), _invent(
+        rng, max(4, counts["band"] // 2), taken)
+    rivers, products = _invent(rng, max(20, counts["city"]), taken), _invent(
+        rng, max(20, counts["company"]), taken)
+
+    ents: list[_Entity] = []
+    names: set[str] = set()
+
+    def add(kind: str, name: str, shorts: list[str], gender: str = "n") -> None:
+        names.add(name)
+        ents.append(_Entity(kind, name, shorts, gender, rng.choice(WORDS[kind + "_desc"])))
+
+    while sum(e.kind == "person" for e in ents) < n_p:
+        name = f"{rng.choice(given)} {rng.choice(surnames)}"
+        if name not in names:
+            add("person", name, [name.split()[1]] * 2 + [name], rng.choice("mf"))
+    for town in towns[: counts["city"]]:
+        add("city", town, [town, town, "the town"])
+    for kind, words, suffixes, own in (("company", firm_words, "firm_suffix", ["the firm", "the company"]),
+                                       ("band", band_words, "band_suffix", ["the band", "the group"])):
+        n_before = len(ents)
+        while len(ents) - n_before < counts[kind]:
+            name = f"{rng.choice(words)} {rng.choice(WORDS[suffixes])}"
+            if name not in names:
+                add(kind, name, [name] + own)
+    titles = [f"The {a} {n}" for a in WORDS["title_adj"] for n in WORDS["title_noun"]]
+    values = {
+        "person": [e.name for e in ents if e.kind == "person"],
+        "company": [e.name for e in ents if e.kind == "company"],
+        "city": towns, "river": rivers, "product": products, "title": titles,
+        "goods": WORDS["goods"],
+    }
+    for e in ents:
+        for rel, spec in RELATIONS[e.kind].items():
+            e.facts[rel] = _draw_value(rng, spec[0], values, e.name)
+    return ents
+
+
+def _draw_value(rng: random.Random, value_kind: str, values: dict[str, list[str]], subject: str) -> str:
+    """A fact's value: a year from the kind's range ("year:1600-2000") or an item of a pool."""
+    if value_kind.startswith("year:"):
+        lo, hi = (int(x) for x in value_kind[5:].split("-"))
+        return str(rng.randint(lo, hi))
+    while True:
+        v = rng.choice(values[value_kind])
+        if v != subject:  # nobody is their own mentor, no town its own twin
+            return v
+
+
+# ---------------------------------------------------------------- passages and questions
+
+
+def _fill(template: str, e: _Entity, rng: random.Random, value: str = "") -> str:
+    he, his = {"m": ("he", "his"), "f": ("she", "her"), "n": ("it", "its")}[e.gender]
+    s = template.format(name=e.name, short=rng.choice(e.shorts), he=he, his=his, v=value,
+                        desc=e.desc, adj=rng.choice(WORDS["town_adj"]))
+    s = re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", s)  # "a engineer" -> "an engineer"
+    return s[0].upper() + s[1:]
+
+
+def _passage_text(rng: random.Random, e: _Entity, min_words: int, max_words: int) -> str:
+    """Intro, the facts in random order, generic filler sentences until ~100 words."""
+    facts = [_fill(rng.choice(RELATIONS[e.kind][rel][1]), e, rng, v) for rel, v in e.facts.items()]
+    rng.shuffle(facts)
+    fillers = [_fill(t, e, rng) for t in rng.sample(FILLERS[e.kind], len(FILLERS[e.kind]))]
+    target = rng.randint(min_words, max_words)
+    sentences = [_fill(rng.choice(INTROS[e.kind]), e, rng)] + facts
+    while fillers and sum(len(s.split()) for s in sentences) < target:
+        sentences.insert(rng.randint(1, len(sentences)), fillers.pop())
+    return " ".join(sentences)
+
+
+def _question(rng: random.Random, e: _Entity, rel: str, pid: str) -> QAExample:
+    value = e.facts[rel]
+    text = _fill(rng.choice(RELATIONS[e.kind][rel][2]), e, rng)
+    if re.search(rf"\b{re.escape(value.lower())}\b", text.lower()):
+        raise AssertionError(f"question {text!r} gives its answer {value!r} away")
+    return QAExample(text, [value], pid, e.name, rel)
+
+
+def _questions(rng: random.Random, ents: list[_Entity], pids: list[str], n: int, per_entity: int,
+               split: str) -> list[QAExample]:
+    """`n` questions, at most `per_entity` about each entity, relations drawn without repeats."""
+    pairs = [(i, rel) for i in range(len(ents))
+             for rel in rng.sample(list(ents[i].facts), min(per_entity, len(ents[i].facts)))]
+    if len(pairs) < n:
+        raise ValueError(f"{split}: {len(ents)} entities give only {len(pairs)} questions, {n} asked")
+    return [_question(rng, ents[i], rel, pids[i]) for i, rel in rng.sample(pairs, n)]
+
+
+def make_world(seed: int = 0, n_entities: int = 1500, n_train: int = 3000, n_dev: int = 100,
+               n_test: int = 250, heldout_per_entity: int = 2, min_words: int = 85,
+               max_words: int = 115) -> World:
+    """A deterministic world: passages (one per entity) and train/dev/test questions.
+
+    Dev and test entities are disjoint from each other and from every training question's
+    entity; each held-out entity gets at most `heldout_per_entity` questions (spread over many
+    entities). Passage ids are "1".."n" as in psgs_w100.tsv, in shuffled entity order.
+    """
+    rng = random.Random(seed)
+    ents = _make_entities(rng, n_entities)
+    rng.shuffle(ents)
+    pids = [str(i + 1) for i in range(len(ents))]
+    passages = [Passage(pid, e.name, _passage_text(rng, e, min_words, max_words)) for pid, e in zip(pids, ents)]
+    order = rng.sample(range(len(ents)), len(ents))
+    n_dev_e, n_test_e = -(-n_dev // heldout_per_entity), -(-n_test // heldout_per_entity)
+    if n_dev_e + n_test_e >= len(ents):
+        raise ValueError(f"{n_dev} dev + {n_test} test questions need more than {len(ents)} entities")
+    groups = [order[:n_dev_e], order[n_dev_e:n_dev_e + n_test_e], order[n_dev_e + n_test_e:]]
+    splits = []
+    for split, idx, n, per in (("dev", groups[0], n_dev, heldout_per_entity),
+                               ("test", groups[1], n_test, heldout_per_entity),
+                               ("train", groups[2], n_train, max(map(len, RELATIONS.values())))):
+        splits.append(_questions(rng, [ents[i] for i in idx], [pids[i] for i in idx], n, per, split))
+    return World(seed, passages, train=splits[2], dev=splits[0], test=splits[1])
+
+
+# ---------------------------------------------------------------- writers (DPR's formats)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _tsv(rows: Iterable[Sequence[str]]) -> str:
+    """Tab-separated rows as DPR's csv.reader(delimiter="\\t") reads them back."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    for row in rows:
+        writer.writerow([re.sub(r"[\t\r\n]+", " ", c) for c in row])
+    return buf.getvalue()
+
+
+def _biencoder(qas: list[QAExample], by_id: dict[str, Passage]) -> str:
+    records = [{
+        "dataset": "demo_world",
+        "question": qa.question,
+        "answers": qa.answers,
+        "positive_ctxs": [{"title": by_id[qa.gold_passage_id].title, "text": by_id[qa.gold_passage_id].text,
+                           "passage_id": qa.gold_passage_id}],
+        "negative_ctxs": [],
+        "hard_negative_ctxs": [],
+    } for qa in qas]
+    return json.dumps(records, indent=2, ensure_ascii=False) + "\n"
+
+
+def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write psgs.tsv, {train,dev,test}.jsonl, biencoder-{train,dev}.json, {dev,test}.qa.csv.
+
+    Returns the written paths by file name.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_id = {p.id: p for p in world.passages}
+    files = {"psgs.tsv": _tsv([("id", "text", "title")] + [(p.id, p.text, p.title) for p in world.passages])}
+    for split in ("train", "dev", "test"):
+        qas = getattr(world, split)
+        files[f"{split}.jsonl"] = "".join(
+            json.dumps({"question": q.question, "answers": q.answers, "gold_passage_id": q.gold_passage_id},
+                       ensure_ascii=False) + "\n" for q in qas)
+    files["biencoder-train.json"] = _biencoder(world.train, by_id)
+    files["biencoder-dev.json"] = _biencoder(world.dev, by_id)
+    for split in ("dev", "test"):  # DPR's qa.csv: question TAB python list literal of answers
+        files[f"{split}.qa.csv"] = _tsv([(q.question, repr(list(q.answers))) for q in getattr(world, split)])
+    paths = {}
+    for name, text in files.items():
+        _write_atomic(out / name, text)
+        paths[name] = out / name
+    return paths
+
+
+def read_qa_csv(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
+    """DPR's qa.csv back as (question, answers); a bad line is an error naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+            try:
+                answers = ast.literal_eval(row[1])
+                if len(row) != 2 or not isinstance(answers, list):
+                    raise ValueError("expected: question TAB ['answer', ...]")
+            except (ValueError, SyntaxError, IndexError) as err:
+                raise ValueError(f"{path}:{lineno}: {err}") from None
+            rows.append((row[0], [str(a) for a in answers]))
+    return rows
+
+
+# ---------------------------------------------------------------- generator tokenizer
+
+
+def world_texts(world: World) -> list[str]:
+    """Every string the generator can read or write: titles, passages, questions, answers."""
+    texts = [t for p in world.passages for t in (p.title, p.text)]
+    texts += [t for split in (world.train, world.dev, world.test) for q in split for t in [q.question] + q.answers]
+    return texts
+
+
+def build_word_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike | None = None,
+                         lowercase: bool = True, model_max_length: int = 1024) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with BART's special tokens and pair template.
+
+    The vocabulary is every word of `texts` (ids by descending count, ties alphabetical, so it is
+    deterministic), after BART's `<s>`=0 `<pad>`=1 `</s>`=2 `<unk>`=3 `<mask>`=4. A few thousand
+    words keep a from-scratch BART's embedding and softmax small enough to train on a CPU.
+    `tokenizer(question, passage)` gives `<s> question </s> </s> passage </s>` as BART does.
+    Saved with `save_pretrained(out_dir)` when `out_dir` is given.
+    """
+    norm = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+    normalizer, pre = normalizers.Sequence(norm), pre_tokenizers.Whitespace()
+    counts: dict[str, int] = {}
+    for text in texts:
+        for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)):
+            counts[word] = counts.get(word, 0) + 1
+    words = sorted((w for w in counts if w not in SPECIAL_TOKENS), key=lambda w: (-counts[w], w))
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        mask_token="<mask>", cls_token="<s>", sep_token="</s>", model_max_length=model_max_length)
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Write the demo's synthetic world in DPR's formats.")
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-entities", type=int, default=1500)
+    ap.add_argument("--n-train", type=int, default=3000)
+    ap.add_argument("--n-dev", type=int, default=100)
+    ap.add_argument("--n-test", type=int, default=250)
+    ap.add_argument("--tokenizer-dir", help="also build the generator's word-level tokenizer here")
+    args = ap.parse_args(argv)
+    world = make_world(args.seed, args.n_entities, args.n_train, args.n_dev, args.n_test)
+    paths = write_world(world, args.out_dir)
+    msg = f"{len(world.passages)} passages, {len(world.train)}/{len(world.dev)}/{len(world.test)} questions"
+    if args.tokenizer_dir:
+        msg += f", vocabulary {len(build_word_tokenizer(world_texts(world), args.tokenizer_dir))}"
+    print(f"{msg} -> {', '.join(str(p) for p in paths.values())}")
+
+
+if __name__ == "__main__":
+    main()
