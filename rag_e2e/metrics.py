@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 import re
 import string
-import sys
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
+
+import regex
 
 _PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -89,44 +90,15 @@ def qa_metrics(predictions: Sequence[str], answers: Sequence[str | Sequence[str]
 
 # --- DPR answer matching ---------------------------------------------------------------
 
-
-def _char_class(keep) -> str:
-    """A `re` character class of every code point whose Unicode category passes `keep`.
-
-    Stdlib `re` has no \\p{..}; enumerating the code points once (about 0.3 s) gives the same
-    classes as DPR's `regex` patterns, so the `regex` package is not a dependency.
-    """
-    ranges, start, prev = [], None, None
-    for cp in range(sys.maxunicode + 1):
-        if keep(unicodedata.category(chr(cp))):
-            if start is None:
-                start = cp
-            prev = cp
-        elif start is not None:
-            ranges.append((start, prev))
-            start = None
-    if start is not None:
-        ranges.append((start, prev))
-
-    def esc(cp: int) -> str:  # an escape keeps ']', '-', '\\' and surrogates literal
-        return f"\\U{cp:08x}"
-
-    return "[" + "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in ranges) + "]"
-
-
-@functools.cache
-def _dpr_token_re() -> re.Pattern:
-    """DPR's SimpleTokenizer: `[\\p{L}\\p{N}\\p{M}]+|[^\\p{Z}\\p{C}]` (runs of letters, digits and
-    combining marks, or any other single visible character)."""
-    alnum = _char_class(lambda c: c[0] in "LNM")
-    non_ws = _char_class(lambda c: c[0] not in "ZC")
-    return re.compile(f"{alnum}+|{non_ws}")
+# DPR's SimpleTokenizer: runs of letters, digits and combining marks, or any other single
+# visible character. `regex` (a transformers dependency) has \p{..}; stdlib `re` does not.
+_DPR_TOKEN = regex.compile(r"[\p{L}\p{N}\p{M}]+|[^\p{Z}\p{C}]", flags=regex.UNICODE)
 
 
 def dpr_tokenize(text: str) -> list[str]:
     """Lower-cased DPR SimpleTokenizer tokens of the NFD-normalised text."""
     text = unicodedata.normalize("NFD", text)
-    return [m.group().lower() for m in _dpr_token_re().finditer(text)]
+    return [m.group().lower() for m in _DPR_TOKEN.finditer(text)]
 
 
 def _contains(tokens: list[str], sub: list[str]) -> bool:
@@ -135,10 +107,10 @@ def _contains(tokens: list[str], sub: list[str]) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _compile_answer_pattern(pattern: str) -> re.Pattern:
-    try:
-        return re.compile(pattern, flags=re.IGNORECASE | re.UNICODE | re.MULTILINE)
-    except re.error as e:
+def _compile_answer_pattern(pattern: str) -> regex.Pattern:
+    try:  # DPR's flags, and its `regex` engine
+        return regex.compile(pattern, flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE)
+    except regex.error as e:
         raise ValueError(f"answer pattern {pattern!r} is not a valid regular expression: {e}") from e
 
 

@@ -2,8 +2,6 @@
 
 import re
 import string
-import sys
-import unicodedata
 from collections import Counter
 
 import pytest
@@ -161,19 +159,11 @@ def test_has_answer_regex_mode():
         M.has_answer(text, ["x"], mode="fuzzy")
 
 
-def test_tokenizer_matches_dpr_regex_on_assigned_code_points():
-    regex = pytest.importorskip("regex")
-    dpr = regex.compile(
-        r"([\p{L}\p{N}\p{M}]+)|([^\p{Z}\p{C}])", flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE
-    )
-    ours = M._dpr_token_re()
-    # every 3rd code point that this Python's Unicode database knows (newer ones may differ)
-    for cp in range(0, sys.maxunicode + 1, 3):
-        ch = chr(cp)
-        if unicodedata.category(ch) == "Cn":
-            continue
-        s = f"a{ch}b {ch}."
-        assert [m.group() for m in ours.finditer(s)] == [m.group() for m in dpr.finditer(s)], hex(cp)
+def test_dpr_tokenizer_unicode_classes():
+    # NFD splits "ï" into i + U+0308 (a mark, kept in the word); CJK letters form one run;
+    # an emoji (So) is a token on its own; a zero-width space (Cf) and a no-break space (Zs) vanish
+    text = "Naïve 東京タワー😀x\u200by\u00a0z ½"
+    assert M.dpr_tokenize(text) == ["nai\u0308ve", "東京タワー", "😀", "x", "y", "z", "½"]
 
 
 def test_retrieval_recall_keys_and_values():

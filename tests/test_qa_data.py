@@ -202,7 +202,8 @@ def test_load_hf_qa_parquet_and_saved_dataset(tmp_path):
     rows = [json.loads(line) for line in (FIX / "nq_open-validation.jsonl").read_text().splitlines()]
     ds = datasets.Dataset.from_list(rows)
     ds.to_parquet(str(tmp_path / "nq.parquet"))
-    assert [e.answers for e in Q.load_hf_qa(str(tmp_path / "nq.parquet"), "train")] == [r["answer"] for r in rows]
+    exs = Q.load_hf_qa(str(tmp_path / "nq.parquet"), "train", cache_dir=str(tmp_path / "c"))
+    assert [e.answers for e in exs] == [r["answer"] for r in rows]
     datasets.DatasetDict({"train": ds.select([0]), "validation": ds}).save_to_disk(str(tmp_path / "saved"))
     assert len(Q.load_hf_qa(str(tmp_path / "saved"), "validation")) == 4
     assert len(Q.load_qa(f"{tmp_path / 'saved'}:train")) == 1
@@ -216,7 +217,7 @@ def test_load_hf_qa_row_errors(tmp_path):
     rows = [{"question": "fine", "answer": ["a"]}, {"question": "", "answer": ["b"]}]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "bad.parquet"))
     with pytest.raises(DataError, match=r"bad\.parquet split train row 1: empty question"):
-        Q.load_hf_qa(str(tmp_path / "bad.parquet"), "train")
+        Q.load_hf_qa(str(tmp_path / "bad.parquet"), "train", cache_dir=str(tmp_path / "c"))
 
 
 def test_hub_names_map_to_repositories(monkeypatch):
