@@ -28,6 +28,7 @@ class RetrieverConfig:
     query_model: str = ""  # path or hub name of the query encoder (AutoModel)
     doc_model: Optional[str] = None  # None: same as query_model
     shared: bool = False  # one set of weights for queries and documents
+    from_scratch: bool = False  # random weights from the model's config (debug runs, benchmarks)
     pooling: Literal["cls", "mean"] = "cls"  # DPR uses CLS; sentence-transformers models use mean
     normalize: bool = False  # L2-normalise embeddings (cosine scores); DPR uses raw dot products
     max_query_length: int = 64
@@ -105,8 +106,10 @@ class BiEncoder(nn.Module):
         return cls(q, d, pooling=meta["pooling"], normalize=meta["normalize"])
 
 
-def _load_encoder(name: str, trust_remote_code: bool) -> PreTrainedModel:
+def _load_encoder(name: str, trust_remote_code: bool, from_scratch: bool = False) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if from_scratch:
+        return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     # DPR checkpoints wrap a BERT: use the inner encoder so pooling is ours.
     if config.model_type == "dpr":
         model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -130,11 +133,11 @@ def load_retriever(cfg: RetrieverConfig) -> tuple[BiEncoder, object]:
         enc = BiEncoder.from_pretrained(src)
         tok = AutoTokenizer.from_pretrained(src / "query_encoder")
     else:
-        q = _load_encoder(cfg.query_model, cfg.trust_remote_code)
+        q = _load_encoder(cfg.query_model, cfg.trust_remote_code, cfg.from_scratch)
         if cfg.shared:
             d = None
         else:
-            d = _load_encoder(cfg.doc_model or cfg.query_model, cfg.trust_remote_code)
+            d = _load_encoder(cfg.doc_model or cfg.query_model, cfg.trust_remote_code, cfg.from_scratch)
         enc = BiEncoder(q, d, pooling=cfg.pooling, normalize=cfg.normalize)
         tok = AutoTokenizer.from_pretrained(cfg.query_model, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:

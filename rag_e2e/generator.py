@@ -68,6 +68,9 @@ def load_generator(cfg: GeneratorConfig, tokenizer=None):
     """-> (model, tokenizer). The model carries its peft adapter if one is configured."""
     if not cfg.model:
         raise ValueError("generator.model is empty: give a path or model name")
+    if cfg.from_scratch and cfg.peft != "none":
+        raise ValueError("generator.from_scratch with generator.peft: adapters on random base weights "
+                         "could not be restored from a checkpoint; use peft: none to train from scratch")
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     if cfg.from_scratch:
