@@ -54,11 +54,18 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def setup_logging(out: Path, main_process: bool) -> None:
-    handlers = [logging.StreamHandler(sys.stderr)]
+    """Console (unless the host already set up logging) and <out>/train.log for the rag_e2e loggers."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pkg = logging.getLogger("rag_e2e")
+    pkg.setLevel(logging.INFO if main_process else logging.WARNING)
+    for h in [h for h in pkg.handlers if getattr(h, "_rag_e2e_run", False)]:
+        pkg.removeHandler(h)
+        h.close()
     if main_process:
-        handlers.append(logging.FileHandler(out / "train.log"))
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        fh = logging.FileHandler(out / "train.log")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh._rag_e2e_run = True
+        pkg.addHandler(fh)
 
 
 def batches(n: int, size: int, seed: int, epoch: int, position: int, rank: int = 0, world: int = 1):
