@@ -108,13 +108,16 @@ class BiEncoder(nn.Module):
 
 def _load_encoder(name: str, trust_remote_code: bool, from_scratch: bool = False) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if from_scratch:
-        return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     # DPR checkpoints wrap a BERT: use the inner encoder so pooling is ours.
     if config.model_type == "dpr":
-        model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
-        inner = getattr(model, "question_encoder", None) or getattr(model, "ctx_encoder", None)
-        return inner.bert_model
+        from transformers import DPRContextEncoder, DPRQuestionEncoder
+
+        is_ctx = "DPRContextEncoder" in (config.architectures or [])
+        cls = DPRContextEncoder if is_ctx else DPRQuestionEncoder
+        model = cls(config) if from_scratch else cls.from_pretrained(name)
+        return (model.ctx_encoder if is_ctx else model.question_encoder).bert_model
+    if from_scratch:
+        return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     try:  # the pooler head is unused (pooling is ours); leaving it out keeps DDP free of unused params
         return AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code, add_pooling_layer=False)
     except TypeError:
