@@ -15,13 +15,14 @@ order depends on PYTHONHASHSEED), so one seed gives byte-identical files on ever
 from __future__ import annotations
 
 import argparse
-import ast
+import inspect
 import csv
 import io
 import json
 import os
 import random
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -195,6 +196,25 @@ FILLERS = {
     ],
 }
 
+# Sentences naming another entity ({o}, of the tagged kind) without stating a fact about it:
+# the many passages that mention a name, of which only one is about it (as in Wikipedia).
+MENTIONS = {
+    "person": [("person", "{short} corresponded for years with {o}."),
+               ("person", "{he} counted {o} among {his} closest friends."),
+               ("person", "A rivalry with {o} shaped {his} middle years."),
+               ("band", "{he} was a lifelong admirer of {o}."), ("city", "{he} once gave a lecture in {o}.")],
+    "city": [("person", "A statue of {o} stands in the main square."), ("person", "{o} lived in {short} for a time."),
+             ("person", "The writer {o} described {short} fondly."),
+             ("band", "{o} once played a famous concert in {short}."), ("city", "A long road leads from {short} to {o}.")],
+    "company": [("person", "{o} once praised its workmanship."),
+                ("person", "A biography of {o} mentions the firm often."),
+                ("person", "{o} sat on its advisory board for a short time."),
+                ("band", "Its advertisements once featured {o}."), ("city", "It keeps a small warehouse in {o}.")],
+    "band": [("person", "{o} produced one of its records."), ("person", "Its name was suggested by {o}."),
+             ("person", "{o} joined the group on stage for one tour."),
+             ("band", "It has often shared a stage with {o}."), ("city", "Its most famous concert took place in {o}.")],
+}
+
 WORDS = {
     "person_desc": ["painter", "engineer", "sculptor", "poet", "cartographer", "botanist", "architect", "violinist",
                     "chemist", "surveyor", "playwright", "astronomer", "weaver", "historian", "composer",
@@ -255,6 +275,7 @@ class _Entity:
     gender: str  # "m" / "f" for people, "n" otherwise
     desc: str
     facts: dict[str, str] = field(default_factory=dict)
+    mentions: list[str] = field(default_factory=list)  # sentences naming other entities
 
 
 # ---------------------------------------------------------------- invented vocabulary
@@ -264,76 +285,117 @@ def _template_words() -> set[str]:
     """Every lowercase English word the templates use: invented names must avoid them."""
     texts = [t for rels in RELATIONS.values() for r in rels.values() for ts in r[1:] for t in ts]
     texts += [t for ts in list(FILLERS.values()) + list(INTROS.values()) for t in ts]
+    texts += [t for ms in MENTIONS.values() for _, t in ms]
     texts += [w for ws in WORDS.values() for w in ws]
     return {w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t)}
 
 
-def _invent(rng: random.Random, n: int, taken: set[str], syllables: Sequence[int] = (2, 2, 3)) -> list[str]:
-    """`n` new pronounceable capitalised words ("Velmora"), none already in `taken`."""
+def _syllables(rng: random.Random, n: int) -> list[str]:
+    """An inventory of `n` distinct syllables ("vel", "mo", "ra") that every invented name uses.
+
+    A small inventory makes names share pieces ("Velmora", "Moravel"), so matching a name
+    takes more than a bag of subword pieces: the room contrastive retriever training needs.
+    """
     out: list[str] = []
     while len(out) < n:
-        parts = [rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                 for _ in range(rng.choice(syllables))]
-        word = "".join(parts).capitalize()
+        syl = rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+        if syl not in out:
+            out.append(syl)
+    return out
+
+
+def _invent(rng: random.Random, n: int, taken: set[str], inventory: list[str]) -> list[str]:
+    """`n` new capitalised words of 2-3 syllables from `inventory`, none already in `taken`."""
+    out: list[str] = []
+    for _ in range(200 * n + 1000):
+        if len(out) == n:
+            return out
+        word = "".join(rng.choice(inventory) for _ in range(rng.choice((2, 2, 3)))).capitalize()
         if len(word) >= 4 and word.lower() not in taken:
             taken.add(word.lower())
             out.append(word)
-    return out
+    raise ValueError(f"{len(inventory)} syllables cannot make {n} new names; raise n_syllables")
 
 
 def _counts(n_entities: int) -> dict[str, int]:
     """Entities per kind; the last kind takes the rounding remainder."""
-    kinds = list(KIND_SHARE)
-    counts = {k: max(1, round(n_entities * KIND_SHARE[k])) for k in kinds[:-1]}
-    counts[kinds[-1]] = n_entities - sum(counts.values())
-    if counts[kinds[-1]] < 1 or counts["person"] < 4:
+    if n_entities < 20:
         raise ValueError(f"n_entities={n_entities} is too small for a world (need >= 20)")
+    kinds = list(KIND_SHARE)
+    counts = {k: round(n_entities * KIND_SHARE[k]) for k in kinds[:-1]}
+    counts[kinds[-1]] = n_entities - sum(counts.values())
     return counts
 
 
-def _make_entities(rng: random.Random, n_entities: int) -> list[_Entity]:
-    """Named entities of every kind, then their facts (values point at other entities)."""
+def _lookalike(rng: random.Random, name: str, taken: set[str], mutable: Sequence[int]) -> str | None:
+    """`name` with one vowel of one invented word changed ("Velmora Quist" -> "Velmora Quast")."""
+    words = name.split()
+    for _ in range(50):
+        i = rng.choice(mutable)
+        spots = [j for j, ch in enumerate(words[i]) if ch.lower() in "aeiou"]
+        j = rng.choice(spots)
+        word = words[i][:j] + rng.choice([v for v in "aeiou" if v != words[i][j].lower()]) + words[i][j + 1:]
+        if word.lower() not in taken:
+            taken.add(word.lower())
+            return " ".join(words[:i] + [word.capitalize()] + words[i + 1:])
+    return None
+
+
+def _names(rng: random.Random, count: int, new_name, taken: set[str], lookalikes: int,
+           mutable: Sequence[int]) -> list[str]:
+    """`count` distinct names in clusters: a fresh name and `lookalikes` one-vowel variants of it."""
+    names: list[str] = []
+    seen: set[str] = set()
+    while len(names) < count:
+        base = new_name()
+        for name in [base] + [_lookalike(rng, base, taken, mutable) for _ in range(lookalikes)]:
+            if name is not None and name not in seen and len(names) < count:
+                seen.add(name)
+                names.append(name)
+    return names
+
+
+def _make_entities(rng: random.Random, n_entities: int, name_share: int, n_syllables: int,
+                   lookalikes: int, mentions: int) -> list[_Entity]:
+    """Named entities of every kind, then their facts (values point at other entities).
+
+    Similar names are the retriever's hard negatives, so that matching a bag of subword pieces
+    is not enough: every given name, surname and firm/band word is shared by ~`name_share`
+    entities, all names come from a small syllable inventory, and names come in clusters of
+    `lookalikes` + 1 that differ by one vowel ("Velmora Quist", "Velmora Quast"). Each passage
+    also names `mentions` other entities in passing, so a name is found in many passages.
+    """
     counts = _counts(n_entities)
-    taken = _template_words()
+    taken, syl = _template_words(), _syllables(rng, n_syllables)
     n_p = counts["person"]
-    # Shared given names and surnames make similar-sounding people: the retriever's hard negatives.
-    given, surnames = _invent(rng, max(8, n_p // 3), taken), _invent(rng, max(8, n_p // 2), taken)
-    towns = _invent(rng, counts["city"] + counts["city"] // 2 + 10, taken)
-    firm_words, band_words = _invent(rng, max(4, counts["company"] // 2), taken), _invent(
-        rng, max(4, counts["band"] // 2), taken)
-    rivers, products = _invent(rng, max(20, counts["city"]), taken), _invent(
-        rng, max(20, counts["company"]), taken)
-
-    ents: list[_Entity] = []
-    names: set[str] = set()
-
-    def add(kind: str, name: str, shorts: list[str], gender: str = "n") -> None:
-        names.add(name)
-        ents.append(_Entity(kind, name, shorts, gender, rng.choice(WORDS[kind + "_desc"])))
-
-    while sum(e.kind == "person" for e in ents) < n_p:
-        name = f"{rng.choice(given)} {rng.choice(surnames)}"
-        if name not in names:
-            add("person", name, [name.split()[1]] * 2 + [name], rng.choice("mf"))
-    for town in towns[: counts["city"]]:
-        add("city", town, [town, town, "the town"])
-    for kind, words, suffixes, own in (("company", firm_words, "firm_suffix", ["the firm", "the company"]),
-                                       ("band", band_words, "band_suffix", ["the band", "the group"])):
-        n_before = len(ents)
-        while len(ents) - n_before < counts[kind]:
-            name = f"{rng.choice(words)} {rng.choice(WORDS[suffixes])}"
-            if name not in names:
-                add(kind, name, [name] + own)
-    titles = [f"The {a} {n}" for a in WORDS["title_adj"] for n in WORDS["title_noun"]]
+    given, surnames = (_invent(rng, max(8, n_p // name_share), taken, syl) for _ in range(2))
+    persons = _names(rng, n_p, lambda: f"{rng.choice(given)} {rng.choice(surnames)}", taken, lookalikes, (0, 1))
+    towns = _names(rng, counts["city"], lambda: _invent(rng, 1, taken, syl)[0], taken, lookalikes, (0,))
+    ents = [_Entity("person", n, [n.split()[1]] * 2 + [n], rng.choice("mf"), rng.choice(WORDS["person_desc"]))
+            for n in persons]
+    ents += [_Entity("city", n, [n, n, "the town"], "n", rng.choice(WORDS["city_desc"])) for n in towns]
+    for kind, suffixes, own in (("company", "firm_suffix", ["the firm", "the company"]),
+                                ("band", "band_suffix", ["the band", "the group"])):
+        words = _invent(rng, max(-(-2 * counts[kind] // 8), counts[kind] // name_share), taken, syl)
+        names = _names(rng, counts[kind], lambda: f"{rng.choice(words)} {rng.choice(WORDS[suffixes])}",
+                       taken, lookalikes, (0,))
+        ents += [_Entity(kind, n, [n] + own, "n", rng.choice(WORDS[kind + "_desc"])) for n in names]
+    # Rivers and products are only ever answers: a wide inventory keeps them apart from names.
+    value_syl = _syllables(rng, 40)
+    rivers, products = (_invent(rng, max(20, counts[k]), taken, value_syl) for k in ("city", "company"))
     values = {
-        "person": [e.name for e in ents if e.kind == "person"],
-        "company": [e.name for e in ents if e.kind == "company"],
-        "city": towns, "river": rivers, "product": products, "title": titles,
-        "goods": WORDS["goods"],
+        "person": persons, "company": [e.name for e in ents if e.kind == "company"],
+        "city": towns + _invent(rng, counts["city"] // 2 + 10, taken, syl),  # some towns have no passage
+        "river": rivers, "product": products, "goods": WORDS["goods"],
+        "title": [f"The {a} {n}" for a in WORDS["title_adj"] for n in WORDS["title_noun"]],
     }
+    by_kind = {k: [e.name for e in ents if e.kind == k] for k in KIND_SHARE}
     for e in ents:
         for rel, spec in RELATIONS[e.kind].items():
             e.facts[rel] = _draw_value(rng, spec[0], values, e.name)
+        for _ in range(mentions):
+            kind, template = rng.choice(MENTIONS[e.kind])
+            e.mentions.append(_fill(template, e, rng, other=_draw_value(rng, kind, by_kind, e.name)))
     return ents
 
 
@@ -351,17 +413,18 @@ def _draw_value(rng: random.Random, value_kind: str, values: dict[str, list[str]
 # ---------------------------------------------------------------- passages and questions
 
 
-def _fill(template: str, e: _Entity, rng: random.Random, value: str = "") -> str:
+def _fill(template: str, e: _Entity, rng: random.Random, value: str = "", other: str = "") -> str:
     he, his = {"m": ("he", "his"), "f": ("she", "her"), "n": ("it", "its")}[e.gender]
-    s = template.format(name=e.name, short=rng.choice(e.shorts), he=he, his=his, v=value,
+    s = template.format(name=e.name, short=rng.choice(e.shorts), he=he, his=his, v=value, o=other,
                         desc=e.desc, adj=rng.choice(WORDS["town_adj"]))
     s = re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", s)  # "a engineer" -> "an engineer"
     return s[0].upper() + s[1:]
 
 
 def _passage_text(rng: random.Random, e: _Entity, min_words: int, max_words: int) -> str:
-    """Intro, the facts in random order, generic filler sentences until ~100 words."""
+    """Intro, the facts and mentions in random order, generic filler sentences until ~100 words."""
     facts = [_fill(rng.choice(RELATIONS[e.kind][rel][1]), e, rng, v) for rel, v in e.facts.items()]
+    facts += e.mentions
     rng.shuffle(facts)
     fillers = [_fill(t, e, rng) for t in rng.sample(FILLERS[e.kind], len(FILLERS[e.kind]))]
     target = rng.randint(min_words, max_words)
@@ -390,7 +453,8 @@ def _questions(rng: random.Random, ents: list[_Entity], pids: list[str], n: int,
 
 
 def make_world(seed: int = 0, n_entities: int = 1500, n_train: int = 3000, n_dev: int = 100,
-               n_test: int = 250, heldout_per_entity: int = 2, min_words: int = 85,
+               n_test: int = 250, heldout_per_entity: int = 2, name_share: int = 6,
+               n_syllables: int = 12, lookalikes: int = 3, mentions: int = 2, min_words: int = 85,
                max_words: int = 115) -> World:
     """A deterministic world: passages (one per entity) and train/dev/test questions.
 
@@ -399,7 +463,7 @@ def make_world(seed: int = 0, n_entities: int = 1500, n_train: int = 3000, n_dev
     entities). Passage ids are "1".."n" as in psgs_w100.tsv, in shuffled entity order.
     """
     rng = random.Random(seed)
-    ents = _make_entities(rng, n_entities)
+    ents = _make_entities(rng, n_entities, name_share, n_syllables, lookalikes, mentions)
     rng.shuffle(ents)
     pids = [str(i + 1) for i in range(len(ents))]
     passages = [Passage(pid, e.name, _passage_text(rng, e, min_words, max_words)) for pid, e in zip(pids, ents)]
@@ -474,21 +538,6 @@ def write_world(world: World, out_dir: str | os.PathLike) -> dict[str, Path]:
     return paths
 
 
-def read_qa_csv(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
-    """DPR's qa.csv back as (question, answers); a bad line is an error naming file and line."""
-    rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
-            try:
-                answers = ast.literal_eval(row[1])
-                if len(row) != 2 or not isinstance(answers, list):
-                    raise ValueError("expected: question TAB ['answer', ...]")
-            except (ValueError, SyntaxError, IndexError) as err:
-                raise ValueError(f"{path}:{lineno}: {err}") from None
-            rows.append((row[0], [str(a) for a in answers]))
-    return rows
-
-
 # ---------------------------------------------------------------- generator tokenizer
 
 
@@ -525,26 +574,30 @@ def build_word_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike | None
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         mask_token="<mask>", cls_token="<s>", sep_token="</s>", model_max_length=model_max_length)
-    if out_dir is not None:
-        fast.save_pretrained(str(out_dir))
+    if out_dir is not None:  # save beside, then rename file by file: no half-written tokenizer
+        out, tmp = Path(out_dir), Path(f"{out_dir}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        fast.save_pretrained(str(tmp))
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+        tmp.rmdir()
     return fast
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Write the demo's synthetic world in DPR's formats.")
     ap.add_argument("out_dir")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-entities", type=int, default=1500)
-    ap.add_argument("--n-train", type=int, default=3000)
-    ap.add_argument("--n-dev", type=int, default=100)
-    ap.add_argument("--n-test", type=int, default=250)
+    defaults = inspect.signature(make_world).parameters
+    for name, param in defaults.items():  # every make_world knob, e.g. --n-entities 1000
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=param.default)
     ap.add_argument("--tokenizer-dir", help="also build the generator's word-level tokenizer here")
-    args = ap.parse_args(argv)
-    world = make_world(args.seed, args.n_entities, args.n_train, args.n_dev, args.n_test)
-    paths = write_world(world, args.out_dir)
+    args = vars(ap.parse_args(argv))
+    world = make_world(**{name: args[name] for name in defaults})
+    paths = write_world(world, args["out_dir"])
     msg = f"{len(world.passages)} passages, {len(world.train)}/{len(world.dev)}/{len(world.test)} questions"
-    if args.tokenizer_dir:
-        msg += f", vocabulary {len(build_word_tokenizer(world_texts(world), args.tokenizer_dir))}"
+    if args["tokenizer_dir"]:
+        msg += f", vocabulary {len(build_word_tokenizer(world_texts(world), args['tokenizer_dir']))}"
     print(f"{msg} -> {', '.join(str(p) for p in paths.values())}")
 
 
