@@ -75,6 +75,11 @@ def one_step(model, opt, rb, dtype, device):
     opt.zero_grad(set_to_none=True)
 
 
+class _NoHook:
+    def remove(self) -> None:
+        pass
+
+
 def measure(cfg, peft: str, dtype, device) -> dict:
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -84,6 +89,9 @@ def measure(cfg, peft: str, dtype, device) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-5)
     rb = batch(cfg, device)
     tracker = MemTracker()
+    for p in model.parameters():  # MemTracker hooks every parameter's grad; frozen ones have none
+        if not p.requires_grad:
+            tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
     tracker.track_external(model, opt)
     if device.type == "cuda":
         one_step(model, opt, rb, dtype, device)  # warm-up: allocator, kernels, optimizer state
