@@ -41,6 +41,9 @@ class WorldConfig:
     n_train: int = 3000
     n_dev: int = 100
     n_test: int = 250
+    mentions: int = 2  # other entities each passage names in passing (distractors for the reader)
+    min_words: int = 85  # passage length: ~100 words as DPR's Wikipedia chunks
+    max_words: int = 115
 
 
 @dataclass
@@ -83,7 +86,8 @@ def stage_world(cfg: DemoConfig, out: Path) -> dict:
     from rag_e2e.demo_world import build_word_tokenizer, make_world, world_texts, write_world
 
     w = cfg.world
-    world = make_world(seed=w.seed, n_entities=w.n_entities, n_train=w.n_train, n_dev=w.n_dev, n_test=w.n_test)
+    world = make_world(seed=w.seed, n_entities=w.n_entities, n_train=w.n_train, n_dev=w.n_dev, n_test=w.n_test,
+                       mentions=w.mentions, min_words=w.min_words, max_words=w.max_words)
     files = write_world(world, out / "world")
     gen_dir = out / "models" / "generator"
     tok = build_word_tokenizer(world_texts(world), gen_dir)
