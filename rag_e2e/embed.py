@@ -13,7 +13,11 @@ makes a resumed or multi-process encode byte-identical to a single uninterrupted
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,10 +25,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from rag_e2e.encoders import BiEncoder
+from rag_e2e.index import encoder_fingerprint
 from rag_e2e.inputs import pad
 from rag_e2e.passages import TokenizedPassages
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+_DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
            "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
@@ -123,12 +128,19 @@ def encode_passages(encoder: BiEncoder, passages: TokenizedPassages, pad_id: int
     assert rows.ndim == 1, f"rows must be (n,), got {rows.shape}"
     if len(rows) and (rows.min() < 0 or rows.max() >= len(passages)):
         raise IndexError(f"rows must lie in 0..{len(passages) - 1}, got {rows.min()}..{rows.max()}")
+    bar = _progress(len(rows), "encoding passages", progress)
+    out = _encode_rows(encoder, passages, pad_id, rows, batch_size, device, dtype, max_tokens, bar)
+    bar.close()
+    return out
+
+
+def _encode_rows(encoder: BiEncoder, passages: TokenizedPassages, pad_id: int, rows: np.ndarray, batch_size: int,
+                 device, dtype, max_tokens: Optional[int], bar: tqdm) -> np.ndarray:
     model = encoder.doc_encoder
     dev = _device_of(model, device)
     amp = resolve_dtype(dev, dtype)
     out = np.empty((len(rows), encoder.dim), dtype=np.float16)  # (n, d)
     lengths = passages.lengths()[rows]
-    bar = _progress(len(rows), "encoding passages", progress)
     with eval_mode(model), torch.inference_mode(), _autocast(dev, amp):
         for batch in length_buckets(lengths, batch_size, max_tokens):
             ids, mask = pad([passages.get(int(r)) for r in rows[batch]], pad_id)  # (n, s) each
@@ -137,7 +149,6 @@ def encode_passages(encoder: BiEncoder, passages: TokenizedPassages, pad_id: int
             emb = encoder.encode_docs(ids, mask)  # (n, d)
             out[batch] = emb.float().cpu().numpy()
             bar.update(len(batch))
-    bar.close()
     _check_finite(out, rows, "passage")
     return out
 
@@ -163,3 +174,136 @@ def encode_texts_as_queries(encoder: BiEncoder, tokenizer, questions: Sequence[s
             bar.update(len(batch))
     bar.close()
     return out
+
+
+class EncodeError(ValueError):
+    """Shards on disk that do not belong to this run, or a missing or damaged shard."""
+
+
+@dataclass
+class EncodeConfig:
+    batch_size: int = 128  # passages per forward pass (at most)
+    max_tokens: Optional[int] = None  # also cap padded tokens per batch: flat memory when lengths vary
+    shard_size: int = 100_000  # passages per shard file: the unit of resume and of work split
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # GPU autocast; auto = bf16 where supported, else fp16
+    max_shards: Optional[int] = None  # stop after this many shards per process (time-limited jobs); rerun resumes
+    keep_shards: bool = False  # keep shard files after the merge (they double the disk use)
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges of the shards of n passages."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")  # per process: ranks never share a tmp name
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def run_manifest(encoder: BiEncoder, passages: TokenizedPassages, shard_size: int) -> dict:
+    """What a set of shards is made of: shards of different runs must never be mixed."""
+    return {"passages": passages.meta.get("passages"), "count": len(passages), "dim": encoder.dim,
+            "encoder": encoder_fingerprint(encoder.doc_encoder), "tokenizer": passages.meta.get("tokenizer"),
+            "max_length": passages.meta.get("max_length"), "shard_size": shard_size}
+
+
+def _check_manifest(shard_dir: Path, manifest: dict) -> None:
+    path = shard_dir / "manifest.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in manifest if old.get(k) != manifest[k])
+        if diff:
+            raise EncodeError(f"{shard_dir} holds shards of another run ({diff[0]}: {old.get(diff[0])!r} there, "
+                              f"{manifest[diff[0]]!r} now): delete it or choose another out_dir")
+    else:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(path, manifest)
+
+
+def _shard_done(path: Path, rows: int, dim: int) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise EncodeError(f"{path} is damaged ({e}): delete it and run again to re-encode it") from None
+    if arr.shape != (rows, dim) or arr.dtype != np.float16:
+        raise EncodeError(f"{path} holds {arr.dtype} {arr.shape}, expected float16 ({rows}, {dim}): delete it")
+    return True
+
+
+def encode_shards(encoder: BiEncoder, passages: TokenizedPassages, pad_id: int, out_dir: str | os.PathLike,
+                  cfg: Optional[EncodeConfig] = None, rank: int = 0, world_size: int = 1,
+                  progress: bool = True) -> list[int]:
+    """Encode this process's missing shards into out_dir/shards; returns the shards it encoded.
+
+    Process `rank` of `world_size` takes shards rank, rank+world_size, ...; a shard already
+    on disk is skipped, so a killed run resumes where it stopped. Each shard's batches depend
+    only on its rows, so any split over processes gives byte-identical embeddings.
+    """
+    cfg = cfg or EncodeConfig()
+    shard_dir = Path(out_dir) / "shards"
+    manifest = run_manifest(encoder, passages, cfg.shard_size)
+    _check_manifest(shard_dir, manifest)
+    ranges = shard_ranges(len(passages), cfg.shard_size)
+    mine = [s for s in range(rank, len(ranges), world_size)]
+    todo = [s for s in mine if not _shard_done(shard_dir / f"shard-{s:05d}.npy", ranges[s][1] - ranges[s][0],
+                                                encoder.dim)]
+    todo = todo[: cfg.max_shards] if cfg.max_shards is not None else todo
+    bar = _progress(sum(ranges[s][1] - ranges[s][0] for s in todo), f"encoding [rank {rank}]", progress)
+    dtype = None if cfg.dtype == "auto" else cfg.dtype
+    for s in todo:
+        rows = np.arange(*ranges[s], dtype=np.int64)
+        emb = _encode_rows(encoder, passages, pad_id, rows, cfg.batch_size, None, dtype, cfg.max_tokens, bar)
+        _save_npy(shard_dir / f"shard-{s:05d}.npy", emb)
+    bar.close()
+    return todo
+
+
+def missing_shards(out_dir: str | os.PathLike, n: int, shard_size: int) -> list[int]:
+    shard_dir = Path(out_dir) / "shards"
+    return [s for s in range(len(shard_ranges(n, shard_size))) if not (shard_dir / f"shard-{s:05d}.npy").is_file()]
+
+
+def merge_shards(out_dir: str | os.PathLike, ids: Optional[np.ndarray] = None, keep_shards: bool = False) -> Path:
+    """Concatenate the shards into out_dir/embeddings.npy (fp16 (n, d), memory-mappable) + embeddings.json.
+
+    ids: the passage ids in store order, written to out_dir/ids.npy.
+    """
+    out_dir = Path(out_dir)
+    shard_dir = out_dir / "shards"
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    n, d = manifest["count"], manifest["dim"]
+    missing = missing_shards(out_dir, n, manifest["shard_size"])
+    if missing:
+        raise EncodeError(f"{shard_dir}: shards {missing[:5]} are missing ({len(missing)} in all): run the encode again")
+    final = out_dir / "embeddings.npy"
+    tmp = out_dir / f"embeddings.tmp-{os.getpid()}.npy"
+    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))  # (n, d)
+    for s, (start, end) in enumerate(shard_ranges(n, manifest["shard_size"])):
+        path = shard_dir / f"shard-{s:05d}.npy"
+        _shard_done(path, end - start, d)
+        merged[start:end] = np.load(path, mmap_mode="r", allow_pickle=False)
+    merged.flush()
+    del merged
+    if ids is not None:
+        if len(ids) != n:
+            raise EncodeError(f"{len(ids)} passage ids for {n} embeddings")
+        _save_npy(out_dir / "ids.npy", np.asarray(ids, dtype=str))
+    os.replace(tmp, final)
+    _write_json(out_dir / "embeddings.json", manifest)  # written last: its presence means complete
+    if not keep_shards:
+        for s in range(len(shard_ranges(n, manifest["shard_size"]))):
+            (shard_dir / f"shard-{s:05d}.npy").unlink()
+        (shard_dir / "manifest.json").unlink()
+        shard_dir.rmdir()
+    return final

@@ -104,3 +104,77 @@ def test_parity_with_sentence_transformers_minilm():
     ours = encode_passages(enc, tp, tok.pad_token_id, batch_size=3, progress=False).astype(np.float32)
     cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
     assert (1 - cos).max() < 1e-3, cos
+
+
+# ---- python -m index_build.encode: sharded, resumable, multi-process ----------------------------
+
+@pytest.fixture(scope="module")
+def encode_setup(tmp_path_factory, tokenizer):
+    """A tiny BERT folder and a DPR-format passages.tsv of 57 passages of varying length."""
+    root = tmp_path_factory.mktemp("encode")
+    tiny_bert(seed=3).save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    rng = np.random.default_rng(0)
+    words = "alpha beta gamma delta river city king war paris music".split()
+    lines = ["id\ttext\ttitle"] + [f"{i + 1}\t{' '.join(rng.choice(words, rng.integers(3, 60)))}\tTitle {i}"
+                                   for i in range(57)]
+    (root / "passages.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def encode_args(root, out, *extra):
+    return [f"passages={root / 'passages.tsv'}", f"out_dir={out}", f"retriever.query_model={root / 'bert'}",
+            "retriever.shared=true", "encode.shard_size=10", "encode.batch_size=4", *extra]
+
+
+def test_encode_killed_then_resumed_is_byte_identical(encode_setup, tmp_path):
+    from index_build.encode import main
+
+    root = encode_setup
+    main(encode_args(root, tmp_path / "full"))
+    full = (tmp_path / "full" / "embeddings.npy").read_bytes()
+    out = tmp_path / "resumed"
+    first = main(encode_args(root, out, "encode.max_shards=1"))  # a run that stops after its first shard
+    assert first["shards_left"] == 5 and not (out / "embeddings.npy").exists()
+    assert sorted(p.name for p in (out / "shards").glob("shard-*.npy")) == ["shard-00000.npy"]
+    second = main(encode_args(root, out))
+    assert second["shards_this_process"] == 5, "the finished shard is skipped"
+    assert (out / "embeddings.npy").read_bytes() == full
+    assert np.load(out / "ids.npy").tolist()[:3] == ["1", "2", "3"]
+    assert not (out / "shards").exists(), "shards are removed after the merge"
+    assert main(encode_args(root, out))["encoded"] == 0, "a finished run is not redone"
+
+
+def test_encode_refuses_shards_of_another_run(encode_setup, tmp_path):
+    from index_build.encode import main
+    from rag_e2e.embed import EncodeError
+
+    out = tmp_path / "o"
+    main(encode_args(encode_setup, out, "encode.max_shards=1"))
+    with pytest.raises(EncodeError, match="shards of another run"):
+        main(encode_args(encode_setup, out, "encode.shard_size=20"))
+
+
+def test_two_processes_match_one(encode_setup, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each takes half the shards; same bytes as one process."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from index_build.encode import main
+
+    root = encode_setup
+    main(encode_args(root, tmp_path / "one"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "index_build.encode", *encode_args(root, tmp_path / "two")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = __import__("json").loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["encode"]["processes"] == 2 and metrics["encode"]["shards_this_process"] == 3
+    assert (tmp_path / "two" / "embeddings.npy").read_bytes() == (tmp_path / "one" / "embeddings.npy").read_bytes()
