@@ -8,7 +8,7 @@
 # The encode resumes a killed run (finished shards are kept); the build runs in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
   sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
   exit 2

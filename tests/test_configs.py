@@ -13,6 +13,9 @@ def config_class(path: Path):
     if path.name == "demo.yaml":
         from rag_e2e.demo import DemoConfig
         return DemoConfig
+    if path.name.startswith("index_"):
+        from index_build.encode import IndexBuildConfig
+        return IndexBuildConfig
     if path.name.startswith("retriever_"):
         from rag_e2e.train_retriever import RetrieverTrainConfig
         return RetrieverTrainConfig
