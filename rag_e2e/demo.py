@@ -155,7 +155,8 @@ def table(m: dict) -> str:
             ("exact match with random passages", "em_random_passages")]
     lines = [f"{'metric (percent, held-out questions)':<52}{'value':>8}", "-" * 60]
     lines += [f"{name:<52}{m[key]:>8.1f}" for name, key in rows if key in m]
-    lines += ["-" * 60] + [f"{'time: ' + k[:-2]:<52}{v:>7.0f}s" for k, v in m.items() if k.endswith("_s")]
+    lines += ["-" * 60] + [f"{'time: ' + k[:-2].replace('_', ' '):<52}{v:>7.0f}s" for k, v in m.items()
+                           if k.endswith("_s") and not k.endswith("per_s")]
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ class RetrieverConfig:
     max_query_length: int = 64
     max_passage_length: int = 256
     gradient_checkpointing: bool = False
+    freeze_embeddings: bool = False  # keep the word-embedding table fixed: less optimizer state and time
     trust_remote_code: bool = False
 
 
@@ -143,6 +144,9 @@ def load_retriever(cfg: RetrieverConfig) -> tuple[BiEncoder, object]:
             d = _load_encoder(cfg.doc_model or cfg.query_model, cfg.trust_remote_code, cfg.from_scratch)
         enc = BiEncoder(q, d, pooling=cfg.pooling, normalize=cfg.normalize)
         tok = AutoTokenizer.from_pretrained(cfg.query_model, trust_remote_code=cfg.trust_remote_code)
+    if cfg.freeze_embeddings:
+        for m in {id(enc.query_encoder): enc.query_encoder, id(enc.doc_encoder): enc.doc_encoder}.values():
+            m.get_input_embeddings().requires_grad_(False)
     if cfg.gradient_checkpointing:
         enc.query_encoder.gradient_checkpointing_enable()
         if not enc.shared:

@@ -153,7 +153,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
              len(dev_items), len(comps.store), comps.live.index.kind, comps.live.version)
 
     model = comps.model
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), weight_decay=cfg.optim.weight_decay,
+                                  fused=True)  # one kernel over all parameters, CPU and GPU
     scheduler = get_scheduler(cfg.optim.schedule, optimizer, cfg.optim.warmup_steps, cfg.optim.max_steps)
     state = {"step": 0, "epoch": 0, "position": 0, "best": None, "best_step": None, "bad_steps": 0}
     if ckpt is not None:
