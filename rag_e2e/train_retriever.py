@@ -165,7 +165,8 @@ class TrainItem:
 
 
 def prepare_items(examples: Sequence, pool: PassagePool, matcher: AnswerMatcher, encoder, tokenizer,
-                  cfg: RetrieverTrainConfig, device, corpus: Optional[np.ndarray] = None) -> tuple[list[TrainItem], dict]:
+                  cfg: RetrieverTrainConfig, device,
+                  corpus: Optional[np.ndarray] = None) -> tuple[list[TrainItem], dict]:
     """Examples -> TrainItems. The first positive ctx is the positive (as in DPR); examples
     without one get the best retrieved passage containing an answer (distant supervision);
     those left without are skipped, counted and logged."""
@@ -248,7 +249,8 @@ def _negatives(epoch: int, cfg: RetrieverTrainConfig, items: list[TrainItem], po
     the others read the saved candidates). `corpus`: the store's embeddings under the
     current encoder, if at hand."""
     m = cfg.mining
-    if m.strategy in ("hardest", "semi_hard") and (mined is None or (m.remine_every > 0 and epoch % m.remine_every == 0)):
+    due = mined is None or (m.remine_every > 0 and epoch % m.remine_every == 0)
+    if m.strategy in ("hardest", "semi_hard") and due:
         path = out_dir / "mining" / f"candidates-epoch{epoch}.npz"
         if epoch == 0 and m.candidates_file:
             path = Path(m.candidates_file)
@@ -392,7 +394,8 @@ def pretrain(cfg: RetrieverTrainConfig, store: Optional[PassageStore], train_exa
     metrics.update(train(cfg, encoder, tokenizer, pool, matcher, items, out_dir, acc, corpus=corpus0))
     after = evaluate(encoder, "_after_pretraining")
     # plain recall@K (the trained retriever's), as every stage's metrics.json reports it
-    metrics.update(after, **{k.replace("_after_pretraining", ""): v for k, v in after.items() if k.startswith("recall@")})
+    metrics.update(after, **{k.replace("_after_pretraining", ""): v for k, v in after.items()
+                             if k.startswith("recall@")})
     if acc.is_main_process:
         encoder.save_pretrained(out_dir, tokenizer)
     if initial is not None:

@@ -51,7 +51,8 @@ def world(tmp_path_factory):
     with open(d / "psgs.tsv", "w") as f:
         f.write("id\ttext\ttitle\n")
         for i, (name, good) in enumerate(zip(names, goods)):
-            f.write(f"{i}\tThe town of {name} lies by the sea. Its people make {good} and sell it every week.\t{name}\n")
+            text = f"The town of {name} lies by the sea. Its people make {good} and sell it every week."
+            f.write(f"{i}\t{text}\t{name}\n")
     train = [_record(n, g, str(i), f"what do the people of {n} make?") for i, (n, g) in enumerate(zip(names, goods))]
     (d / "train.json").write_text(json.dumps(train * 2))
     dev = [_record(n, g, str(i), f"which product comes from {n}?") for i, (n, g) in enumerate(zip(names, goods))]
@@ -85,7 +86,8 @@ def test_pretraining_raises_recall_and_saves_a_loadable_retriever(world, tmp_pat
     assert yaml.safe_load((out / "config.yaml").read_text())["mining"]["strategy"] == "semi_hard"
     assert (out / "mining" / "candidates-epoch0.npz").is_file() and (out / "mining" / "candidates-epoch1.npz").is_file()
     assert list((out / "tb" / "main").glob("events.out.tfevents.*"))
-    assert (out / "query_encoder" / "model.safetensors").is_file() and (out / "query_encoder" / "tokenizer_config.json").is_file()
+    assert (out / "query_encoder" / "model.safetensors").is_file()
+    assert (out / "query_encoder" / "tokenizer_config.json").is_file()
     enc, tok = load_retriever(RetrieverConfig(query_model=str(out)))
     store = read_passages(world / "psgs.tsv")
     dev = [QAExample(r["question"], r["question"], r["answers"], r["positive_ctxs"])
