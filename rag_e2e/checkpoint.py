@@ -123,22 +123,3 @@ def load_training_state(ckpt: Path, optimizer, scheduler) -> dict:
     set_rng_state(blob["rng"])
     return json.loads((ckpt / "trainer_state.json").read_text())
 
-
-def load_weights(ckpt: Path, model) -> None:
-    """Load a checkpoint's encoder and generator weights into a built RagModel, in place."""
-    from safetensors.torch import load_file
-
-    for part, module in (("query_encoder", model.retriever.query_encoder),
-                         ("doc_encoder", None if model.retriever.shared else model.retriever.doc_encoder)):
-        if module is not None:
-            module.load_state_dict(load_file(ckpt / "retriever" / part / "model.safetensors"), strict=False)
-    gen_dir = ckpt / "generator"
-    if (gen_dir / "adapter_model.safetensors").is_file():
-        import peft
-
-        peft.set_peft_model_state_dict(model.generator, load_file(gen_dir / "adapter_model.safetensors"))
-    else:
-        state = load_file(gen_dir / "model.safetensors")
-        missing, unexpected = model.generator.load_state_dict(state, strict=False)
-        if unexpected:
-            raise ValueError(f"{gen_dir}: weights that the generator does not have: {unexpected[:5]}")

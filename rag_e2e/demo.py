@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from rag_e2e.config import load_config, save_config
 from rag_e2e.pipeline import TrainConfig

@@ -22,7 +22,7 @@ from einops import rearrange
 
 from rag_e2e.encoders import BiEncoder
 from rag_e2e.inputs import PairTemplate, doc_encoder_inputs, generator_inputs
-from rag_e2e.marginalize import doc_posterior, rag_sequence_nll, rag_token_nll
+from rag_e2e.marginalize import rag_sequence_nll, rag_token_nll
 from rag_e2e.passages import TokenizedPassages
 
 
@@ -166,9 +166,3 @@ class RagModel(nn.Module):
         if return_logits:
             out.logits = logits
         return out
-
-    @torch.no_grad()
-    def posterior(self, batch: RagBatch) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """-> prior p(z|x) (b, k), posterior p(z|x,y) (b, k), doc ids (b, k): provenance for labels."""
-        out = self.forward(batch, return_logits=True)
-        return out.doc_scores.softmax(-1), doc_posterior(out.logits, out.doc_scores, batch.labels.to(out.logits.device)), out.doc_ids

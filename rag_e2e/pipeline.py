@@ -7,7 +7,7 @@ knows how passages, tokenizers, encoders, index and generator fit together.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -104,7 +104,7 @@ def build_components(cfg: TrainConfig, retriever_from: Optional[str] = None, gen
     of the config's starting points. index_dir: serve that index (checked against passages and encoder).
     """
     store = store or load_store(cfg)
-    rcfg = cfg.retriever if retriever_from is None else _replace(cfg.retriever, query_model=retriever_from)
+    rcfg = cfg.retriever if retriever_from is None else replace(cfg.retriever, query_model=retriever_from)
     retriever, ret_tok = load_retriever(rcfg)
     generator, gen_tok = load_checkpoint_generator(cfg.generator, generator_from)
     retriever.to(device)
@@ -118,12 +118,6 @@ def build_components(cfg: TrainConfig, retriever_from: Optional[str] = None, gen
     return Components(store, ret_tok, gen_tok, gen_passages, doc_passages, live, model)
 
 
-def _replace(rcfg: RetrieverConfig, **kw) -> RetrieverConfig:
-    from dataclasses import replace
-
-    return replace(rcfg, **kw)
-
-
 def load_checkpoint_generator(gcfg: GeneratorConfig, generator_from: Optional[str]):
     """The generator of a config, or of a checkpoint folder (a peft adapter or a full model)."""
     if generator_from is None:
@@ -134,7 +128,6 @@ def load_checkpoint_generator(gcfg: GeneratorConfig, generator_from: Optional[st
     tok = AutoTokenizer.from_pretrained(path)
     if (path / "adapter_config.json").is_file():
         import peft
-        from dataclasses import replace
 
         base, _ = load_generator(replace(gcfg, peft="none"), tokenizer=tok)
         return peft.PeftModel.from_pretrained(base, path, is_trainable=True), tok

@@ -31,6 +31,7 @@ def test_defaults_yaml_overrides(tmp_path):
     cfg = load_config(Run, p, ["optim.steps=7", "kind=b", "tags=[u, v]", "flag=true"])
     assert cfg == Run(name="y", kind="b", tags=["u", "v"], optim=Optim(lr=0.5, steps=7), flag=True)
     assert load_config(Run, p, ["optim.lr=2"]).optim.lr == 2.0  # int accepted where a float is expected
+    assert load_config(Run, p, ["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(Run, tmp_path / "resolved.yaml") == cfg
 
