@@ -356,7 +356,8 @@ def _names(rng: random.Random, count: int, new_name, taken: set[str], lookalikes
 
 
 def _make_entities(rng: random.Random, n_entities: int, name_share: int, n_syllables: int,
-                   lookalikes: int, mentions: int) -> list[_Entity]:
+                   lookalikes: int, mentions: int, value_pool: int = 0,
+                   fact_rng: random.Random | None = None) -> list[_Entity]:
     """Named entities of every kind, then their facts (values point at other entities).
 
     Similar names are the retriever's hard negatives, so that matching a bag of subword pieces
@@ -364,6 +365,11 @@ def _make_entities(rng: random.Random, n_entities: int, name_share: int, n_sylla
     entities, all names come from a small syllable inventory, and names come in clusters of
     `lookalikes` + 1 that differ by one vowel ("Velmora Quist", "Velmora Quast"). Each passage
     also names `mentions` other entities in passing, so a name is found in many passages.
+    `value_pool` > 0 draws each kind of fact value (towns, years of a range, people named as
+    mentors or founders, ...) from that many items only, so every answer is a word a reader
+    trained from scratch meets often: it learns to find the value, not to spell a rare name.
+    Facts and mentions are drawn from `fact_rng` (default `rng`): another one gives the same
+    entities, names and answer pools with other facts.
     """
     counts = _counts(n_entities)
     taken, syl = _template_words(), _syllables(rng, n_syllables)
@@ -389,7 +395,14 @@ def _make_entities(rng: random.Random, n_entities: int, name_share: int, n_sylla
         "river": rivers, "product": products, "goods": WORDS["goods"],
         "title": [f"The {a} {n}" for a in WORDS["title_adj"] for n in WORDS["title_noun"]],
     }
+    if value_pool > 0:
+        years = {spec[0] for rels in RELATIONS.values() for spec in rels.values() if spec[0].startswith("year:")}
+        for kind in years:
+            lo, hi = (int(x) for x in kind[5:].split("-"))
+            values[kind] = [str(y) for y in range(lo, hi + 1)]
+        values = {k: sorted(rng.sample(v, min(len(v), value_pool))) for k, v in sorted(values.items())}
     by_kind = {k: [e.name for e in ents if e.kind == k] for k in KIND_SHARE}
+    rng = fact_rng or rng
     for e in ents:
         for rel, spec in RELATIONS[e.kind].items():
             e.facts[rel] = _draw_value(rng, spec[0], values, e.name)
@@ -401,7 +414,7 @@ def _make_entities(rng: random.Random, n_entities: int, name_share: int, n_sylla
 
 def _draw_value(rng: random.Random, value_kind: str, values: dict[str, list[str]], subject: str) -> str:
     """A fact's value: a year from the kind's range ("year:1600-2000") or an item of a pool."""
-    if value_kind.startswith("year:"):
+    if value_kind.startswith("year:") and value_kind not in values:
         lo, hi = (int(x) for x in value_kind[5:].split("-"))
         return str(rng.randint(lo, hi))
     while True:
@@ -444,9 +457,10 @@ def _question(rng: random.Random, e: _Entity, rel: str, pid: str) -> QAExample:
 
 def _questions(rng: random.Random, ents: list[_Entity], pids: list[str], n: int, per_entity: int,
                split: str) -> list[QAExample]:
-    """`n` questions, at most `per_entity` about each entity, relations drawn without repeats."""
+    """`n` questions (-1: all), at most `per_entity` about each entity, relations drawn without repeats."""
     pairs = [(i, rel) for i in range(len(ents))
              for rel in rng.sample(list(ents[i].facts), min(per_entity, len(ents[i].facts)))]
+    n = len(pairs) if n < 0 else n
     if len(pairs) < n:
         raise ValueError(f"{split}: {len(ents)} entities give only {len(pairs)} questions, {n} asked")
     return [_question(rng, ents[i], rel, pids[i]) for i, rel in rng.sample(pairs, n)]
@@ -455,15 +469,19 @@ def _questions(rng: random.Random, ents: list[_Entity], pids: list[str], n: int,
 def make_world(seed: int = 0, n_entities: int = 1500, n_train: int = 3000, n_dev: int = 100,
                n_test: int = 250, heldout_per_entity: int = 2, name_share: int = 6,
                n_syllables: int = 12, lookalikes: int = 3, mentions: int = 2, min_words: int = 85,
-               max_words: int = 115) -> World:
+               max_words: int = 115, value_pool: int = 0, fact_seed: int = -1) -> World:
     """A deterministic world: passages (one per entity) and train/dev/test questions.
 
     Dev and test entities are disjoint from each other and from every training question's
     entity; each held-out entity gets at most `heldout_per_entity` questions (spread over many
     entities). Passage ids are "1".."n" as in psgs_w100.tsv, in shuffled entity order.
+    `fact_seed` >= 0 re-draws everything after the names from that seed: the same entities and
+    vocabulary with other facts, passages and questions (the demo's reader pretraining data).
     """
     rng = random.Random(seed)
-    ents = _make_entities(rng, n_entities, name_share, n_syllables, lookalikes, mentions)
+    fact_rng = random.Random(fact_seed) if fact_seed >= 0 else None
+    ents = _make_entities(rng, n_entities, name_share, n_syllables, lookalikes, mentions, value_pool, fact_rng)
+    rng = fact_rng or rng
     rng.shuffle(ents)
     pids = [str(i + 1) for i in range(len(ents))]
     passages = [Passage(pid, e.name, _passage_text(rng, e, min_words, max_words)) for pid, e in zip(pids, ents)]

@@ -196,3 +196,22 @@ def test_names_come_in_lookalike_clusters_and_are_mentioned_elsewhere(world):
     text = " ".join(p.text for p in world.passages)
     people = [p.title for p in world.passages if p.title.count(" ") == 1][:200]
     assert sum(text.count(n) for n in people) / len(people) > 4  # a name is in several passages
+
+
+def test_value_pool_limits_every_kind_of_answer_and_keeps_the_world_valid():
+    """value_pool=k: each kind of answer (towns, a year range, people, ...) takes at most k values."""
+    pooled = make_world(seed=0, value_pool=7, **SMALL)
+    free = make_world(seed=0, **SMALL)
+    by_kind: dict[str, set] = {}
+    by_id = {p.id: p for p in pooled.passages}
+    for q in pooled.train + pooled.dev + pooled.test:
+        (kind,) = {spec[0] for rels in demo_world.RELATIONS.values() for rel, spec in rels.items()
+                   if rel == q.relation and q.question in [t.format(name=q.entity) for t in spec[2]]}
+        by_kind.setdefault(kind, set()).add(q.answers[0])
+        assert has_answer(by_id[q.gold_passage_id].text, q.answers) and not has_answer(q.question, q.answers)
+    assert max(len(v) for v in by_kind.values()) <= 7
+    assert {k for k, v in by_kind.items() if len(v) == 7} >= {"city", "person", "year:1700-2000"}
+    years = [int(q.answers[0]) for q in pooled.train if q.relation == "birth_year"]
+    assert years and all(1700 <= y <= 2000 for y in years)
+    free_years = {q.answers[0] for q in free.train if q.relation == "birth_year"}
+    assert len(free_years) > 7  # without the pool, answers spread over their whole range
