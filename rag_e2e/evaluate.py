@@ -72,14 +72,18 @@ def predict(model, comps, items: list[EncodedQA], decode: DecodeConfig, batch_si
 
 
 def _record(item: EncodedQA, prediction: str, ids, prior, post, comps, k: int) -> dict:
+    """One prediction with provenance. A retrieval hit is a gold passage when the question names
+    one that is in the corpus (recall_match "gold"), else a passage containing an answer (DPR)."""
     ex = item.example
-    hits = [has_answer(comps.store[int(z)]["text"], ex.answers) for z in ids]
+    answered = [has_answer(comps.store[int(z)]["text"], ex.answers) for z in ids]
+    gold = comps.store.rows_of(ex.gold_ids()) if hasattr(ex, "gold_ids") else set()
+    hits = [int(z) in gold for z in ids] if gold else answered
     passages = [{"id": comps.store[int(z)]["id"], "title": comps.store[int(z)]["title"],
-                 "prior": round(float(prior[j]), 6), "posterior": round(float(post[j]), 6), "has_answer": hits[j]}
-                for j, z in enumerate(ids[:k])]
+                 "prior": round(float(prior[j]), 6), "posterior": round(float(post[j]), 6),
+                 "has_answer": answered[j], **({"gold": hits[j]} if gold else {})} for j, z in enumerate(ids[:k])]
     return {"qid": ex.qid, "question": ex.question, "answers": ex.answers, "prediction": prediction,
             "em": exact_match(prediction, ex.answers), "f1": f1(prediction, ex.answers),
-            "hits": hits, "passages": passages}
+            "recall_match": "gold" if gold else "answer", "hits": hits, "passages": passages}
 
 
 def score(records: list[dict], ks=RECALL_KS) -> dict:
@@ -90,6 +94,8 @@ def score(records: list[dict], ks=RECALL_KS) -> dict:
     out = {"em": 100.0 * sum(r["em"] for r in records) / n, "f1": 100.0 * sum(r["f1"] for r in records) / n,
            "count": n}
     out.update(retrieval_recall([r["hits"] for r in records], ks))
+    matches = sorted({r.get("recall_match", "answer") for r in records})
+    out["recall_match"] = matches[0] if len(matches) == 1 else "mixed"
     return out
 
 

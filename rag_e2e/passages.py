@@ -109,6 +109,12 @@ class PassageStore:
         except KeyError:
             raise KeyError(f"passage id {passage_id!r} is not in the passage store {self.source}") from None
 
+    def rows_of(self, passage_ids) -> set[int]:
+        """Rows of the ids that are in the store (gold passages of a question; absent ones skipped)."""
+        if self._row_of is None:
+            self.row_of(str(self.table["id"][0]) if len(self) else "")
+        return {self._row_of[str(p)] for p in passage_ids if str(p) in self._row_of}
+
     @classmethod
     def from_records(cls, records: list[dict]) -> "PassageStore":
         """In-memory store from dicts with id, title, text (tests, the demo)."""

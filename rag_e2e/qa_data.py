@@ -64,6 +64,12 @@ class QAExample:
     positive_ctxs: list[dict] = field(default_factory=list)
     negative_ctxs: list[dict] = field(default_factory=list)
     hard_negative_ctxs: list[dict] = field(default_factory=list)
+    gold_passage_ids: list[str] = field(default_factory=list)  # a QA record's `gold_passage_id`(s)
+
+    def gold_ids(self) -> list[str]:
+        """Ids of the passages known to answer it: positive_ctxs' passage_id, then gold_passage_ids."""
+        ids = [str(c["passage_id"]) for c in self.positive_ctxs if c.get("passage_id") is not None]
+        return ids + [i for i in self.gold_passage_ids if i not in ids]
 
 
 # --- one record -> QAExample -------------------------------------------------------------
@@ -121,7 +127,12 @@ def example_from_record(rec, where: str, index: int) -> QAExample:
     answers = _answers_from(_answer_field(rec, where), where)
     if not answers:
         raise DataError(f"{where}: no gold answers")
-    return QAExample(qid=_qid_from(rec, index), question=question, answers=answers)
+    gold = rec.get("gold_passage_id", rec.get("gold_passage_ids", []))
+    gold = [gold] if isinstance(gold, (str, int)) else gold
+    if not isinstance(gold, list) or not all(isinstance(g, (str, int)) and str(g) for g in gold):
+        raise DataError(f"{where}: gold_passage_id must be a passage id or a list of them, got {gold!r}")
+    return QAExample(qid=_qid_from(rec, index), question=question, answers=answers,
+                     gold_passage_ids=[str(g) for g in gold])
 
 
 # --- DPR csv and JSON lines --------------------------------------------------------------

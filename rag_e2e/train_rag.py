@@ -231,10 +231,12 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
         at_end = step == cfg.optim.max_steps or step == stop_after
         if dev_items and ((cfg.eval_every and step % cfg.eval_every == 0) or at_end):
             dev_metrics = evaluate_dev(raw, comps, dev_items, cfg)
-            log.info("step %d dev: %s", step, {k: round(v, 2) for k, v in dev_metrics.items()})
+            log.info("step %d dev: %s", step, {k: round(v, 2) if isinstance(v, float) else v
+                                               for k, v in dev_metrics.items()})
             if writer is not None:
                 for k, v in dev_metrics.items():
-                    writer.add_scalar(f"dev/{k}", v, step)
+                    if isinstance(v, (int, float)):
+                        writer.add_scalar(f"dev/{k}", v, step)
             val = dev_metrics.get(cfg.best_metric)
             if val is not None and (state["best"] is None or val > state["best"]):
                 state.update(best=val, best_step=step)

@@ -111,16 +111,6 @@ def resolve_model(name: Optional[str]) -> Optional[str]:
 # --- evaluation ----------------------------------------------------------------------------
 
 
-def _gold_rows(ex, store: PassageStore) -> set[int]:
-    rows = set()
-    for ctx in getattr(ex, "positive_ctxs", None) or []:
-        try:
-            rows.add(store.row_of(str(ctx.get("passage_id"))))
-        except KeyError:
-            pass
-    return rows
-
-
 def evaluate_retrieval(encoder: BiEncoder, tokenizer, store: PassageStore, examples: Sequence, ks=(1, 5, 20, 100),
                        passages: Optional[TokenizedPassages] = None, match: str = "auto", batch_size: int = 128,
                        max_query_length: int = 64, max_passage_length: int = 256, device=None,
@@ -139,7 +129,7 @@ def evaluate_retrieval(encoder: BiEncoder, tokenizer, store: PassageStore, examp
     ks = sorted(k for k in set(ks) if k <= len(store)) or [len(store)]
     r = retrieve(encoder, tokenizer, pool, [ex.question for ex in examples], max(ks), max_query_length,
                  batch_size, device, corpus=corpus)
-    gold = [_gold_rows(ex, store) for ex in examples]
+    gold = [store.rows_of(ex.gold_ids()) for ex in examples]
     if match == "auto":
         match = "gold" if all(gold) else "answer"
     if match == "gold":

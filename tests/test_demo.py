@@ -28,7 +28,10 @@ def test_demo_runs_every_stage_and_writes_the_metrics(tmp_path, capsys):
                 "retriever_pretraining_s", "reader_pretraining_s", "joint_training_s", "evaluation_s"):
         assert key in saved, key
         assert 0 <= saved[key] <= (100 if not key.endswith("_s") else 3600), (key, saved[key])
-    assert len((out / "predictions.jsonl").read_text().splitlines()) == 16
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 16 and saved["recall_match"] == "gold"  # hits by gold passage id, not answer string
+    rec = json.loads(lines[0])
+    assert rec["hits"][:len(rec["passages"])] == [p["gold"] for p in rec["passages"]]
     assert "held-out exact match" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("demo.prev-")]
     # The reader-pretrained generator is a plain transformers model in safetensors.

@@ -107,12 +107,26 @@ def test_read_jsonl_nq_open_and_trivia_layouts():
         ('{"question": "q", "answers": [["a"]]}', "list of strings"),
         ('{"question": "q", "answers": []}', "no gold answers"),
         ('{"question": "q", "answer": {"value": "a"}}', "TriviaQA-style answer dict lacks"),
+        ('{"question": "q", "answers": ["a"], "gold_passage_id": {"id": 3}}', "gold_passage_id must be"),
     ],
 )
 def test_read_jsonl_errors(tmp_path, line, message):
     path = _write(tmp_path / "x.jsonl", '{"question": "fine", "answers": "ok"}\n\n' + line + "\n")
     with pytest.raises(DataError, match=rf"x\.jsonl line 3: .*{message}"):
         Q.read_jsonl_qa(path)
+
+
+def test_gold_passage_ids_from_jsonl_and_biencoder(tmp_path):
+    path = _write(tmp_path / "g.jsonl", '{"question": "q", "answers": ["a"], "gold_passage_id": "7"}\n'
+                                         '{"question": "r", "answers": ["b"], "gold_passage_id": [3, "9"]}\n'
+                                         '{"question": "s", "answers": ["c"]}\n')
+    assert [e.gold_ids() for e in Q.read_jsonl_qa(path)] == [["7"], ["3", "9"], []]
+    exs, _ = Q.read_biencoder_json(FIX / "biencoder-nq-dev.json")
+    assert exs[0].gold_ids() == ["11828866"]
+    from rag_e2e.passages import PassageStore
+
+    store = PassageStore.from_records([{"id": i, "title": "", "text": f"t{i}"} for i in ("3", "7", "8")])
+    assert store.rows_of(["7", "404", "3"]) == {1, 0}
 
 
 # --- DPR biencoder -----------------------------------------------------------------------
