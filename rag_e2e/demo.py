@@ -48,6 +48,8 @@ class WorldConfig:
     min_words: int = 85  # passage length: ~100 words as DPR's Wikipedia chunks
     max_words: int = 115
     value_pool: int = 0  # > 0: each kind of answer drawn from that many items (see demo_world)
+    lookalikes: int = 3  # names come in clusters of 1 + lookalikes that differ by one vowel
+    name_share: int = 6  # entities sharing each given name, surname, firm or band word
 
 
 @dataclass
@@ -113,7 +115,8 @@ def stage_world(cfg: DemoConfig, out: Path) -> dict:
 
     w = cfg.world
     world = make_world(seed=w.seed, n_entities=w.n_entities, n_train=w.n_train, n_dev=w.n_dev, n_test=w.n_test,
-                       mentions=w.mentions, min_words=w.min_words, max_words=w.max_words, value_pool=w.value_pool)
+                       mentions=w.mentions, min_words=w.min_words, max_words=w.max_words, value_pool=w.value_pool,
+                       lookalikes=w.lookalikes, name_share=w.name_share)
     files = write_world(world, out / "world")
     texts = world_texts(world)
     if cfg.reader.steps:  # the re-drawn worlds use the same words, but may use a few more
@@ -153,7 +156,7 @@ def reader_examples(cfg: DemoConfig) -> list[tuple[str, str, str]]:
     for v in range(r.versions):
         world = make_world(seed=w.seed, fact_seed=1000 * w.seed + v + 1, n_entities=w.n_entities, n_train=-1,
                            n_dev=2, n_test=2, mentions=w.mentions, min_words=r.min_words, max_words=r.max_words,
-                           value_pool=w.value_pool)
+                           value_pool=w.value_pool, lookalikes=w.lookalikes, name_share=w.name_share)
         by_id = {p.id: p for p in world.passages}
         out += [(q.question, f"{by_id[q.gold_passage_id].title} / {by_id[q.gold_passage_id].text}", q.answers[0])
                 for q in world.train]
@@ -248,6 +251,7 @@ def table(m: dict) -> str:
             ("recall@5 before retriever pretraining", "recall@5_before_pretraining"),
             ("recall@1 after pretraining (semi-hard negatives)", "recall@1_after_pretraining"),
             ("recall@5 after pretraining (semi-hard negatives)", "recall@5_after_pretraining"),
+            ("recall@1 after pretraining (random negatives)", "recall@1_after_pretraining_random_negatives"),
             ("recall@5 after pretraining (random negatives)", "recall@5_after_pretraining_random_negatives"),
             ("exact match with random passages", "em_random_passages")]
     lines = [f"{'metric (percent, held-out questions)':<52}{'value':>8}", "-" * 60]
