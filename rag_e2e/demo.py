@@ -1,4 +1,4 @@
-"""The embedded demo: the whole method on a laptop, offline, in about ten minutes of CPU.
+"""The embedded demo: the whole method on a laptop, offline, in about seven minutes of CPU.
 
     scripts/train_rag.sh                         # = python -m rag_e2e.demo --config configs/demo.yaml
 
