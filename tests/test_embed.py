@@ -63,6 +63,12 @@ def test_encode_passages_matches_one_at_a_time_in_row_order(tokenizer):
     rows = np.array([30, 2, 2, 11])
     sub = encode_passages(enc, tp, tokenizer.pad_token_id, batch_size=3, rows=rows, progress=False)
     np.testing.assert_allclose(sub.astype(np.float32), ref[rows], atol=2e-3, rtol=2e-3)
+    auto = encode_passages(enc, tp, tokenizer.pad_token_id, progress=False)  # batch_size 0: 32 rows on CPU
+    np.testing.assert_allclose(auto.astype(np.float32), ref, atol=2e-3, rtol=2e-3)
+    from rag_e2e.embed import auto_batch_size
+
+    assert (auto_batch_size(0, torch.device("cpu")), auto_batch_size(0, torch.device("cuda")),
+            auto_batch_size(5, torch.device("cpu"))) == (32, 256, 5)
     with pytest.raises(IndexError, match="rows must lie"):
         encode_passages(enc, tp, tokenizer.pad_token_id, rows=[37], progress=False)
 
