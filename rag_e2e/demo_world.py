@@ -566,6 +566,18 @@ def world_texts(world: World) -> list[str]:
     return texts
 
 
+def save_pretrained_beside(obj, out_dir: str | os.PathLike) -> None:
+    """`obj.save_pretrained` into `<out_dir>.tmp`, then rename file by file into `out_dir`
+    (which may already hold other files, e.g. a tokenizer beside a model): nothing half-written."""
+    out, tmp = Path(out_dir), Path(f"{out_dir}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    obj.save_pretrained(str(tmp))
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
 def build_word_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike | None = None,
                          lowercase: bool = True, model_max_length: int = 1024) -> PreTrainedTokenizerFast:
     """A word-level tokenizer with BART's special tokens and pair template.
@@ -592,14 +604,8 @@ def build_word_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike | None
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         mask_token="<mask>", cls_token="<s>", sep_token="</s>", model_max_length=model_max_length)
-    if out_dir is not None:  # save beside, then rename file by file: no half-written tokenizer
-        out, tmp = Path(out_dir), Path(f"{out_dir}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        fast.save_pretrained(str(tmp))
-        out.mkdir(parents=True, exist_ok=True)
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-        tmp.rmdir()
+    if out_dir is not None:
+        save_pretrained_beside(fast, out_dir)
     return fast
 
 

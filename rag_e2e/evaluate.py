@@ -76,7 +76,7 @@ def _record(item: EncodedQA, prediction: str, ids, prior, post, comps, k: int) -
     one that is in the corpus (recall_match "gold"), else a passage containing an answer (DPR)."""
     ex = item.example
     answered = [has_answer(comps.store[int(z)]["text"], ex.answers) for z in ids]
-    gold = comps.store.rows_of(ex.gold_ids()) if hasattr(ex, "gold_ids") else set()
+    gold = comps.store.rows_of(ex.gold_ids())
     hits = [int(z) in gold for z in ids] if gold else answered
     passages = [{"id": comps.store[int(z)]["id"], "title": comps.store[int(z)]["title"],
                  "prior": round(float(prior[j]), 6), "posterior": round(float(post[j]), 6),

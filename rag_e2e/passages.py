@@ -100,20 +100,22 @@ class PassageStore:
     def ids(self) -> list[str]:
         return self.table["id"]
 
-    def row_of(self, passage_id: str) -> int:
-        """Row (= index id) of a passage id; KeyError names the id."""
+    def _rows(self) -> dict[str, int]:
         if self._row_of is None:
             self._row_of = {pid: i for i, pid in enumerate(self.table["id"])}
+        return self._row_of
+
+    def row_of(self, passage_id: str) -> int:
+        """Row (= index id) of a passage id; KeyError names the id."""
         try:
-            return self._row_of[str(passage_id)]
+            return self._rows()[str(passage_id)]
         except KeyError:
             raise KeyError(f"passage id {passage_id!r} is not in the passage store {self.source}") from None
 
     def rows_of(self, passage_ids) -> set[int]:
         """Rows of the ids that are in the store (gold passages of a question; absent ones skipped)."""
-        if self._row_of is None:
-            self.row_of(str(self.table["id"][0]) if len(self) else "")
-        return {self._row_of[str(p)] for p in passage_ids if str(p) in self._row_of}
+        rows = self._rows()
+        return {rows[str(p)] for p in passage_ids if str(p) in rows}
 
     @classmethod
     def from_records(cls, records: list[dict]) -> "PassageStore":

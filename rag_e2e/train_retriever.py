@@ -118,8 +118,8 @@ def evaluate_retrieval(encoder: BiEncoder, tokenizer, store: PassageStore, examp
     """Top-K retrieval accuracy (percent) over the whole store -> {"recall@K": pct}, K <= len(store).
 
     A hit is a passage that contains an answer (DPR's has_answer), or with match="gold" one of
-    the example's positive passages (by passage_id); "auto" uses gold ids when every example
-    has one in the store. Also returns "recall_match" (which one was used). `corpus`: the
+    the example's gold passages (`QAExample.gold_ids`: positive_ctxs or gold_passage_id);
+    "auto" uses gold ids when every example has one in the store. Also returns "recall_match" (which one was used). `corpus`: the
     store's (N, d) embeddings under `encoder`, if already computed."""
     from rag_e2e.metrics import retrieval_recall
 
