@@ -51,6 +51,7 @@ class WorldConfig:
     value_pool: int = 0  # > 0: each kind of answer drawn from that many items (see demo_world)
     lookalikes: int = 3  # names come in clusters of 1 + lookalikes that differ by one vowel
     name_share: int = 6  # entities sharing each given name, surname, firm or band word
+    chunks: int = 1  # passages per entity (an article cut in pieces that share its title)
 
 
 @dataclass
@@ -117,7 +118,7 @@ def stage_world(cfg: DemoConfig, out: Path, reader_texts: list[tuple[str, str, s
     w = cfg.world
     world = make_world(seed=w.seed, n_entities=w.n_entities, n_train=w.n_train, n_dev=w.n_dev, n_test=w.n_test,
                        mentions=w.mentions, min_words=w.min_words, max_words=w.max_words, value_pool=w.value_pool,
-                       lookalikes=w.lookalikes, name_share=w.name_share)
+                       lookalikes=w.lookalikes, name_share=w.name_share, chunks=w.chunks)
     files = write_world(world, out / "world")
     texts = world_texts(world) + [t for ex in reader_texts for t in ex]  # re-drawn worlds may use a few more words
     gen_dir = out / "models" / "generator"
@@ -155,7 +156,8 @@ def reader_examples(cfg: DemoConfig) -> list[tuple[str, str, str]]:
     for v in range(r.versions):
         world = make_world(seed=w.seed, fact_seed=1000 * w.seed + v + 1, n_entities=w.n_entities, n_train=-1,
                            n_dev=2, n_test=2, mentions=w.mentions, min_words=r.min_words, max_words=r.max_words,
-                           value_pool=w.value_pool, lookalikes=w.lookalikes, name_share=w.name_share)
+                           value_pool=w.value_pool, lookalikes=w.lookalikes, name_share=w.name_share,
+                           chunks=w.chunks)
         by_id = {p.id: p for p in world.passages}
         out += [(q.question, f"{by_id[q.gold_passage_id].title} / {by_id[q.gold_passage_id].text}", q.answers[0])
                 for q in world.train]

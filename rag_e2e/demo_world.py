@@ -434,17 +434,30 @@ def _fill(template: str, e: _Entity, rng: random.Random, value: str = "", other:
     return s[0].upper() + s[1:]
 
 
-def _passage_text(rng: random.Random, e: _Entity, min_words: int, max_words: int) -> str:
-    """Intro, the facts and mentions in random order, generic filler sentences until ~100 words."""
-    facts = [_fill(rng.choice(RELATIONS[e.kind][rel][1]), e, rng, v) for rel, v in e.facts.items()]
-    facts += e.mentions
+def _article(rng: random.Random, e: _Entity, min_words: int, max_words: int,
+             chunks: int = 1) -> list[tuple[str, list[str]]]:
+    """The entity's article as `chunks` passages -> [(text, relations it states)].
+
+    Intro, the facts and mentions in random order, generic filler sentences until each passage
+    has `min_words`..`max_words` words. With `chunks` > 1 the facts are dealt round-robin over
+    the passages (more passages than facts: some hold none), the intro opening the first, as DPR
+    cut each Wikipedia article into 100-word passages that all carry the article's title: a
+    question's gold passage is then one of several about its entity, and telling them apart
+    takes the relation, not the name.
+    """
+    facts = [(rel, _fill(rng.choice(RELATIONS[e.kind][rel][1]), e, rng, v)) for rel, v in e.facts.items()]
+    facts += [("", m) for m in e.mentions]
     rng.shuffle(facts)
     fillers = [_fill(t, e, rng) for t in rng.sample(FILLERS[e.kind], len(FILLERS[e.kind]))]
-    target = rng.randint(min_words, max_words)
-    sentences = [_fill(rng.choice(INTROS[e.kind]), e, rng)] + facts
-    while fillers and sum(len(s.split()) for s in sentences) < target:
-        sentences.insert(rng.randint(1, len(sentences)), fillers.pop())
-    return " ".join(sentences)
+    out = []
+    for c in range(chunks):
+        part = facts[c::chunks]
+        target = rng.randint(min_words, max_words)
+        sentences = ([_fill(rng.choice(INTROS[e.kind]), e, rng)] if c == 0 else []) + [s for _, s in part]
+        while fillers and sum(len(s.split()) for s in sentences) < target:
+            sentences.insert(rng.randint(1 if c == 0 else 0, len(sentences)), fillers.pop())
+        out.append((" ".join(sentences), [rel for rel, _ in part if rel]))
+    return out
 
 
 def _question(rng: random.Random, e: _Entity, rel: str, pid: str) -> QAExample:
@@ -455,7 +468,7 @@ def _question(rng: random.Random, e: _Entity, rel: str, pid: str) -> QAExample:
     return QAExample(text, [value], pid, e.name, rel)
 
 
-def _questions(rng: random.Random, ents: list[_Entity], pids: list[str], n: int, per_entity: int,
+def _questions(rng: random.Random, ents: list[_Entity], pids: list[dict[str, str]], n: int, per_entity: int,
                split: str) -> list[QAExample]:
     """`n` questions (-1: all), at most `per_entity` about each entity, relations drawn without repeats."""
     pairs = [(i, rel) for i in range(len(ents))
@@ -463,18 +476,19 @@ def _questions(rng: random.Random, ents: list[_Entity], pids: list[str], n: int,
     n = len(pairs) if n < 0 else n
     if len(pairs) < n:
         raise ValueError(f"{split}: {len(ents)} entities give only {len(pairs)} questions, {n} asked")
-    return [_question(rng, ents[i], rel, pids[i]) for i, rel in rng.sample(pairs, n)]
+    return [_question(rng, ents[i], rel, pids[i][rel]) for i, rel in rng.sample(pairs, n)]
 
 
 def make_world(seed: int = 0, n_entities: int = 1500, n_train: int = 3000, n_dev: int = 100,
                n_test: int = 250, heldout_per_entity: int = 2, name_share: int = 6,
                n_syllables: int = 12, lookalikes: int = 3, mentions: int = 2, min_words: int = 85,
-               max_words: int = 115, value_pool: int = 0, fact_seed: int = -1) -> World:
-    """A deterministic world: passages (one per entity) and train/dev/test questions.
+               max_words: int = 115, value_pool: int = 0, fact_seed: int = -1, chunks: int = 1) -> World:
+    """A deterministic world: passages (`chunks` per entity) and train/dev/test questions.
 
     Dev and test entities are disjoint from each other and from every training question's
     entity; each held-out entity gets at most `heldout_per_entity` questions (spread over many
-    entities). Passage ids are "1".."n" as in psgs_w100.tsv, in shuffled entity order.
+    entities). Passage ids are "1".."n" as in psgs_w100.tsv, in shuffled entity order (an
+    entity's passages consecutive, as an article's in psgs_w100.tsv).
     `fact_seed` >= 0 re-draws everything after the names from that seed: the same entities and
     vocabulary with other facts, passages and questions (the demo's reader pretraining data).
     """
@@ -483,8 +497,14 @@ def make_world(seed: int = 0, n_entities: int = 1500, n_train: int = 3000, n_dev
     ents = _make_entities(rng, n_entities, name_share, n_syllables, lookalikes, mentions, value_pool, fact_rng)
     rng = fact_rng or rng
     rng.shuffle(ents)
-    pids = [str(i + 1) for i in range(len(ents))]
-    passages = [Passage(pid, e.name, _passage_text(rng, e, min_words, max_words)) for pid, e in zip(pids, ents)]
+    if not 1 <= chunks <= len(FILLERS["person"]) // 2:
+        raise ValueError(f"chunks={chunks}: 1..{len(FILLERS['person']) // 2} passages per entity")
+    passages, pids = [], []  # pids[i]: relation -> id of the passage of entity i that states it
+    for e in ents:
+        pids.append({})
+        for text, rels in _article(rng, e, min_words, max_words, chunks):
+            passages.append(Passage(str(len(passages) + 1), e.name, text))
+            pids[-1].update(dict.fromkeys(rels, passages[-1].id))
     order = rng.sample(range(len(ents)), len(ents))
     n_dev_e, n_test_e = -(-n_dev // heldout_per_entity), -(-n_test // heldout_per_entity)
     if n_dev_e + n_test_e >= len(ents):
