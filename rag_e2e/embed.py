@@ -88,7 +88,9 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 def _device_of(module: nn.Module, device) -> torch.device:
     on = next(module.parameters()).device
     if device is not None and torch.device(device) != on:
-        if not (torch.device(device).type == on.type == "cuda" and torch.device(device).index is None):
+        asked = torch.device(device)
+        # "cuda" means the current GPU; "cpu" and "cpu:0" (accelerate's MULTI_CPU) are one device
+        if not (asked.type == on.type and (asked.type == "cpu" or asked.index is None)):
             raise ValueError(f"the encoder is on {on} but device={device} was asked for: move it first")
     return on
 

@@ -102,9 +102,27 @@ class BiEncoder(nn.Module):
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: not a folder written by BiEncoder.save_pretrained")
         meta = json.loads(meta_file.read_text())
-        q = AutoModel.from_pretrained(path / "query_encoder", **kwargs)
-        d = None if meta["shared"] else AutoModel.from_pretrained(path / "doc_encoder", **kwargs)
+        q = _load_saved(path / "query_encoder", **kwargs)
+        d = None if meta["shared"] else _load_saved(path / "doc_encoder", **kwargs)
         return cls(q, d, pooling=meta["pooling"], normalize=meta["normalize"])
+
+
+def _load_saved(folder: Path, **kwargs) -> PreTrainedModel:
+    """A saved encoder as it was saved: with its pooler head only if the weights hold one."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        keys = set(json.loads(index.read_text())["weight_map"])
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+    if any(k.split(".")[0] == "pooler" or ".pooler." in k for k in keys):
+        return AutoModel.from_pretrained(folder, **kwargs)
+    try:
+        return AutoModel.from_pretrained(folder, add_pooling_layer=False, **kwargs)
+    except TypeError:  # a model class without a pooler option
+        return AutoModel.from_pretrained(folder, **kwargs)
 
 
 def _load_encoder(name: str, trust_remote_code: bool, from_scratch: bool = False) -> PreTrainedModel:

@@ -128,7 +128,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False, stop_
     from rag_e2e.pipeline import build_components, encode_examples, make_batch, seed_everything
     from rag_e2e.qa_data import load_qa
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    # cpu=True on a machine without CUDA: torchrun's processes then form a gloo group (MULTI_CPU)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     out = Path(cfg.out_dir)
     if acc.is_main_process:
         prepare_out_dir(out, resume, overwrite)
