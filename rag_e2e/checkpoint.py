@@ -59,21 +59,30 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, model, ret_tok, gen_tok, optimizer, scheduler,
                     trainer_state: dict, cfg, keep_last: int, is_best: bool = False) -> Path:
-    """Write checkpoint `step` atomically; prune old ones. Returns its folder."""
-    root = Path(out_dir) / "checkpoints"
+    """Write joint-training checkpoint `step` atomically; prune old ones. Returns its folder."""
+
+    def write(tmp: Path) -> None:
+        model.retriever.save_pretrained(tmp / "retriever", tokenizer=ret_tok)
+        model.generator.save_pretrained(tmp / "generator")
+        gen_tok.save_pretrained(tmp / "generator")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                   tmp / "training.pt")
+        _write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))
+        save_config(cfg, tmp / "config.yaml")
+
+    return write_checkpoint(Path(out_dir) / "checkpoints", step, write, keep_last, is_best)
+
+
+def write_checkpoint(root: Path, step: int, write, keep_last: int, is_best: bool = False) -> Path:
+    """root/step-NNNNNNNN written whole by `write(tmp_folder)`, then renamed; `latest` (and
+    `best`) point at it; all but the `keep_last` newest (and best) are deleted."""
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
     if tmp.exists():
         shutil.rmtree(tmp)  # a write that died earlier; never a finished checkpoint
     tmp.mkdir()
-    model.retriever.save_pretrained(tmp / "retriever", tokenizer=ret_tok)
-    model.generator.save_pretrained(tmp / "generator")
-    gen_tok.save_pretrained(tmp / "generator")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "training.pt")
-    _write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))
-    save_config(cfg, tmp / "config.yaml")
+    write(tmp)
     if final.exists():  # the same step saved again (e.g. final == periodic): replace it whole
         old = root / f".old-{name}"
         os.replace(final, old)
@@ -115,11 +124,14 @@ def find_checkpoint(path: str | os.PathLike, which: str = "latest") -> Optional[
     return root / name
 
 
-def load_training_state(ckpt: Path, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNGs; return the trainer state."""
+def load_training_state(ckpt: Path, optimizer, scheduler, modules: Optional[dict] = None) -> dict:
+    """Restore optimizer, scheduler, RNGs (and the state dicts of `modules`, by name, when the
+    checkpoint holds them); return the trainer state."""
     blob = torch.load(ckpt / "training.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
+    for name, module in (modules or {}).items():
+        module.load_state_dict(blob[name])
     set_rng_state(blob["rng"])
     return json.loads((ckpt / "trainer_state.json").read_text())
 

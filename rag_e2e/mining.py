@@ -19,13 +19,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from rag_e2e.index import IndexConfig
 from rag_e2e.metrics import dpr_tokenize
 from rag_e2e.passages import PassageStore, TokenizedPassages
 
@@ -46,6 +47,9 @@ class MiningConfig:
     fill_random: bool = True  # too few candidates in the window: top up with random ones (counted)
     candidates_file: Optional[str] = None  # reuse saved MinedCandidates (.npz) for the first round
     seed: int = 0
+    # the corpus index each round searches (and evaluation): exact flat by default; hnsw / ivfpq /
+    # sq8 for a corpus the size of Wikipedia (see README's planning table)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
 
 # --- passages training can use -----------------------------------------------------------
@@ -295,73 +299,114 @@ def exclusion_mask(pos_ids: Sequence[int], answers: Sequence[Sequence[str]], can
 # --- encoding and retrieval with the current encoder ---------------------------------------
 
 
+class CorpusIndex:
+    """The store's passages under one document encoder: a FAISS index over their embeddings
+    and the (N, d) matrix it was built from (fp16; a memmap for a large corpus). With
+    score="cosine" the rows are unit vectors and `search` normalises the queries."""
+
+    def __init__(self, index, vectors: np.ndarray, score: str = "dot"):
+        if score not in ("dot", "cosine"):
+            raise ValueError(f"score must be 'dot' or 'cosine', got {score!r}")
+        if vectors.shape != (index.ntotal, index.dim):
+            raise ValueError(f"embeddings {vectors.shape} do not fit an index of {index.ntotal} x {index.dim}")
+        self.index, self.vectors, self.score = index, vectors, score
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def queries(self, q: np.ndarray) -> np.ndarray:
+        """(q, d) question embeddings as the index scores them (unit rows for cosine)."""
+        q = np.asarray(q, dtype=np.float32)
+        return q / np.linalg.norm(q, axis=1, keepdims=True).clip(min=1e-12) if self.score == "cosine" else q
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(q, d) question embeddings -> scores (q, k) float32, store rows (q, k) int64, best first."""
+        scores, ids = self.index.search(self.queries(q), min(k, len(self)))
+        return scores, ids.astype(np.int64)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x32 = x.astype(np.float32)
+    return (x32 / np.linalg.norm(x32, axis=1, keepdims=True).clip(min=1e-12)).astype(x.dtype)
+
+
+def index_corpus(encoder, tokenizer, pool: PassagePool, score: str = "dot", index_cfg=None, batch_size: int = 0,
+                 device=None, work_dir: Optional[str | os.PathLike] = None, version: int = 0, step: int = 0,
+                 accelerator=None) -> Optional[CorpusIndex]:
+    """Encode the store with the current document encoder and index it (`index_cfg`: an
+    `IndexConfig`, default exact flat search).
+
+    work_dir=None: this process encodes everything and the index lives in memory (tests, small
+    corpora). With a work_dir, every process of `accelerator` encodes a slice of the passages
+    and the main process builds the index in work_dir/vNNNNN (`rag_e2e.rebuild.build_version`:
+    a temporary name, then a rename; work_dir/CURRENT points at it) and gets it back; the
+    other processes get None. Every process must call it then.
+    """
+    from rag_e2e.index import build_index, index_params
+    from rag_e2e.rebuild import RebuildConfig, build_version
+
+    if pool.n_store == 0:
+        raise ValueError("mining and evaluation need a passage corpus (data.passages)")
+    index_cfg = index_cfg or IndexConfig()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if work_dir is None:
+        from rag_e2e.embed import encode_passages
+
+        vectors = encode_passages(encoder, pool.store_tokens, pad_id, batch_size, device)  # (N, d) fp16
+        vectors = _unit(vectors) if score == "cosine" else vectors
+        return CorpusIndex(build_index(vectors.astype(np.float32), index_cfg.kind, **index_params(index_cfg)),
+                           vectors, score)
+    index, vectors = build_version(encoder, pool.store_tokens, pad_id, RebuildConfig(index=index_cfg, batch_size=batch_size),
+                                   work_dir, version, step, accelerator, normalize=score == "cosine", everywhere=False)
+    return None if index is None else CorpusIndex(index, vectors, score)
+
+
 @dataclass
 class Retrieved:
     scores: np.ndarray  # (q, m) float32, best first
     ids: np.ndarray  # (q, m) int64 store rows
-    queries: np.ndarray  # (q, d) float32 question embeddings
-    corpus: np.ndarray  # (N, d) float32 passage embeddings
+    queries: np.ndarray  # (q, d) float32 question embeddings, as the index scores them
 
 
-def encode_corpus(encoder, tokenizer, pool: PassagePool, batch_size: int = 0, device=None) -> np.ndarray:
-    """The store's passages through the current document encoder -> float32 (N, d)."""
-    from rag_e2e.embed import encode_passages
-
-    if pool.n_store == 0:
-        raise ValueError("mining and evaluation need a passage corpus (data.passages)")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return encode_passages(encoder, pool.store_tokens, pad_id, batch_size, device).astype(np.float32)
-
-
-def retrieve(encoder, tokenizer, pool: PassagePool, questions: Sequence[str], top_m: int,
-             max_query_length: int, batch_size: int = 0, device=None, score: str = "dot",
-             corpus: Optional[np.ndarray] = None) -> Retrieved:
-    """Encode the store with the current document encoder (unless `corpus`, its (N, d)
-    embeddings, is given), build a flat index, and return the top min(top_m, N) store rows
-    per question. score="cosine" normalises both sides."""
+def retrieve(encoder, tokenizer, corpus: CorpusIndex, questions: Sequence[str], top_m: int,
+             max_query_length: int, batch_size: int = 0, device=None) -> Retrieved:
+    """The top min(top_m, N) store rows per question from `corpus` (the store under the
+    current document encoder), with the current query encoder."""
     from rag_e2e.embed import encode_texts_as_queries
-    from rag_e2e.index import build_index
 
-    if corpus is None:
-        corpus = encode_corpus(encoder, tokenizer, pool, batch_size, device)  # (N, d)
     qv = encode_texts_as_queries(encoder, tokenizer, list(questions), max_query_length, batch_size, device,
                                  progress=True)  # (q, d)
-    if score == "cosine":
-        corpus = corpus / np.linalg.norm(corpus, axis=1, keepdims=True).clip(min=1e-12)  # a new array
-        qv = qv / np.linalg.norm(qv, axis=1, keepdims=True).clip(min=1e-12)
-    scores, ids = build_index(corpus, "flat").search(qv, min(top_m, pool.n_store))
-    return Retrieved(scores, ids.astype(np.int64), qv, corpus)
+    scores, ids = corpus.search(qv, top_m)
+    return Retrieved(scores, ids, corpus.queries(qv))
 
 
-def _positive_vectors(encoder, tokenizer, pool: PassagePool, pos_ids: np.ndarray, corpus: np.ndarray,
-                      batch_size: int, device, score: str) -> np.ndarray:
-    """(q,) pool ids -> (q, d) embeddings; store rows from the corpus, extras encoded here."""
+def _positive_vectors(encoder, tokenizer, pool: PassagePool, pos_ids: np.ndarray, corpus: CorpusIndex,
+                      batch_size: int, device) -> np.ndarray:
+    """(q,) pool ids -> (q, d) embeddings as the index holds them; store rows from the
+    corpus, the training file's extra passages encoded here."""
     from rag_e2e.embed import encode_passages
 
-    out = np.empty((len(pos_ids), corpus.shape[1]), dtype=np.float32)
+    out = np.empty((len(pos_ids), corpus.vectors.shape[1]), dtype=np.float32)
     in_store = pos_ids < pool.n_store
-    out[in_store] = corpus[pos_ids[in_store]]
+    out[in_store] = corpus.vectors[np.sort(pos_ids[in_store])][np.argsort(np.argsort(pos_ids[in_store]))]
     if (~in_store).any():
         extra_rows = np.unique(pos_ids[~in_store]) - pool.n_store
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         emb = encode_passages(encoder, pool.extra_tokens, pad_id, batch_size, device, rows=extra_rows)
-        emb = emb.astype(np.float32)
-        if score == "cosine":
-            emb /= np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12)
+        emb = _unit(emb) if corpus.score == "cosine" else emb
         where = {int(r) + pool.n_store: j for j, r in enumerate(extra_rows)}
         out[~in_store] = emb[[where[int(p)] for p in pos_ids[~in_store]]]
     return out
 
 
-def mine(encoder, tokenizer, pool: PassagePool, qids: Sequence[str], questions: Sequence[str],
+def mine(encoder, tokenizer, pool: PassagePool, corpus: CorpusIndex, qids: Sequence[str], questions: Sequence[str],
          answers: Sequence[Sequence[str]], pos_ids: Sequence[int], matcher: AnswerMatcher, top_m: int,
-         max_query_length: int, batch_size: int = 0, device=None, score: str = "dot",
-         corpus: Optional[np.ndarray] = None) -> MinedCandidates:
-    """Retrieve the top M per question with the current encoder and flag the candidates that
-    are the positive or contain an answer. `corpus`: the store's embeddings, if at hand."""
+         max_query_length: int, batch_size: int = 0, device=None) -> MinedCandidates:
+    """Retrieve the top M per question from `corpus` (the store under the current encoder)
+    and flag the candidates that are the positive or contain an answer."""
     pos_ids = np.asarray(pos_ids, dtype=np.int64)
-    r = retrieve(encoder, tokenizer, pool, questions, top_m, max_query_length, batch_size, device, score, corpus)
-    pos_vecs = _positive_vectors(encoder, tokenizer, pool, pos_ids, r.corpus, batch_size, device, score)
+    r = retrieve(encoder, tokenizer, corpus, questions, top_m, max_query_length, batch_size, device)
+    pos_vecs = _positive_vectors(encoder, tokenizer, pool, pos_ids, corpus, batch_size, device)
     pos_scores = (r.queries * pos_vecs).sum(1).astype(np.float32)  # (q,)
     excluded = r.ids == pos_ids[:, None]  # (q, m)
     for i in tqdm(range(len(pos_ids)), desc="checking mined candidates for answers", unit=" q",

@@ -208,12 +208,15 @@ def _all_ok(ok: bool, accelerator) -> bool:
 
 
 def build_version(encoder, passages: TokenizedPassages, pad_id: int, cfg: RebuildConfig, work_dir: str | os.PathLike,
-                  version: int, step: int, accelerator=None) -> tuple[FaissIndex, np.ndarray]:
+                  version: int, step: int, accelerator=None, normalize: bool = False,
+                  everywhere: bool = True) -> tuple[Optional[FaissIndex], Optional[np.ndarray]]:
     """Encode the corpus and publish it as work_dir/vNNNNN; returns (index, fp16 embeddings memmap).
 
     Every process encodes its slice of the rows to disk; the main process merges the slices,
     builds the index in vNNNNN.tmp, renames it and points work_dir/CURRENT at it. Raises
-    (on every process) if any process failed; nothing is then published.
+    (on every process) if any process failed; nothing is then published. `normalize`: unit
+    rows (cosine scores by inner product). `everywhere=False`: only the main process loads the
+    index; the others get (None, None).
     """
     rank, world = _rank_world(accelerator)
     work_dir = Path(work_dir)
@@ -229,6 +232,9 @@ def build_version(encoder, passages: TokenizedPassages, pad_id: int, cfg: Rebuil
         rows = np.array_split(np.arange(len(passages)), world)[rank]
         part = encode_passages(encoder, passages, pad_id, batch_size=cfg.batch_size, rows=rows,
                                max_tokens=cfg.max_tokens, progress=rank == 0)  # (n_r, d)
+        if normalize:
+            unit = part.astype(np.float32)
+            part = (unit / np.linalg.norm(unit, axis=1, keepdims=True).clip(min=1e-12)).astype(np.float16)
         np.save(tmp / f"part-{rank:03d}.npy", part)
     except Exception as e:  # noqa: BLE001 - reported to every process below
         error = e
@@ -246,6 +252,8 @@ def build_version(encoder, passages: TokenizedPassages, pad_id: int, cfg: Rebuil
     if not _all_ok(error is None, accelerator):
         raise error or RuntimeError(f"the main process failed to build index {name}")
     if index is None:  # the other processes read what the main process published
+        if not everywhere:
+            return None, None
         index = load_index(final / "index")
     return index, index.vectors
 

