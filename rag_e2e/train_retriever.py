@@ -38,9 +38,10 @@ from rag_e2e.encoders import BiEncoder, RetrieverConfig, load_retriever
 from rag_e2e.inputs import pad, query_inputs
 from rag_e2e.losses import (LearnedTemperature, average_gradients, contrastive_backward, gather_nograd,
                             gather_with_grad, info_nce)
-from rag_e2e.mining import (AnswerMatcher, CorpusIndex, MinedCandidates, MiningConfig, PassagePool,
-                            distant_positives, exclusion_mask, index_corpus, mine, retrieve, select_negatives)
-from rag_e2e.passages import PassageStore, TokenizedPassages, read_passages, tokenize_passages
+from rag_e2e.mining import MinedCandidates, MiningConfig, exclusion_mask, mine, select_negatives
+from rag_e2e.passages import PassageStore, read_passages, tokenize_passages
+from rag_e2e.retrieval import (AnswerMatcher, CorpusIndex, Indexer, PassagePool, distant_positives,
+                               evaluate_retrieval, retrieve)
 
 logger = logging.getLogger(__name__)
 
@@ -116,65 +117,6 @@ def resolve_model(name: Optional[str]) -> Optional[str]:
         except ImportError:
             return name
     return name
-
-
-# --- evaluation ----------------------------------------------------------------------------
-
-
-def evaluate_retrieval(encoder: BiEncoder, tokenizer, store: PassageStore, examples: Sequence, ks=(1, 5, 20, 100),
-                       passages: Optional[TokenizedPassages] = None, match: str = "auto", batch_size: int = 0,
-                       max_query_length: int = 64, max_passage_length: int = 256, device=None,
-                       corpus: Optional[CorpusIndex] = None, score: str = "dot") -> dict:
-    """Top-K retrieval accuracy (percent) over the whole store -> {"recall@K": pct}, K <= len(store).
-
-    A hit is a passage that contains an answer (DPR's has_answer), or with match="gold" one of
-    the example's gold passages (`QAExample.gold_ids`: positive_ctxs or gold_passage_id);
-    "auto" uses gold ids when every example has one in the store. Also returns "recall_match"
-    (which one was used). `corpus`: the store indexed under `encoder` (`index_corpus`), if
-    already built; else an exact index is built here, in memory, with `score`."""
-    from rag_e2e.metrics import retrieval_recall
-
-    if passages is None:
-        passages = tokenize_passages(store, tokenizer, "retriever", max_passage_length)
-    pool = PassagePool(store, passages, tokenizer, max_passage_length)
-    if corpus is None:
-        corpus = index_corpus(encoder, tokenizer, pool, score, batch_size=batch_size, device=device)
-    ks = sorted(k for k in set(ks) if k <= len(store)) or [len(store)]
-    r = retrieve(encoder, tokenizer, corpus, [ex.question for ex in examples], max(ks), max_query_length,
-                 batch_size, device)
-    gold = [store.rows_of(ex.gold_ids()) for ex in examples]
-    if match == "auto":
-        match = "gold" if all(gold) else "answer"
-    if match == "gold":
-        hits = [[int(z) in g for z in row] for g, row in zip(gold, r.ids)]
-    elif match == "answer":
-        matcher = AnswerMatcher(pool.text)
-        hits = [[matcher.contains(int(z), ex.answers) for z in row] for ex, row in zip(examples, r.ids)]
-    else:
-        raise ValueError(f"match must be 'auto', 'answer' or 'gold', got {match!r}")
-    return {**retrieval_recall(hits, ks), "recall_match": match}
-
-
-class Indexer:
-    """The store indexed under the encoder as it is now, as versions work_dir/vNNNNN (only the
-    newest kept). A collective call: every process encodes a slice; the main process gets the
-    `CorpusIndex`, the others None."""
-
-    def __init__(self, cfg: "RetrieverTrainConfig", tokenizer, pool: PassagePool, acc, work_dir: Path):
-        self.cfg, self.tokenizer, self.pool, self.acc, self.work_dir = cfg, tokenizer, pool, acc, work_dir
-        done = sorted(work_dir.glob("v[0-9][0-9][0-9][0-9][0-9]"))
-        self.version = int(done[-1].name[1:]) + 1 if done else 0
-
-    def __call__(self, encoder: BiEncoder, step: int) -> Optional[CorpusIndex]:
-        import shutil
-
-        corpus = index_corpus(encoder, self.tokenizer, self.pool, self.cfg.loss.score, self.cfg.mining.index,
-                              self.cfg.eval.batch_size, self.acc.device, self.work_dir, self.version, step, self.acc)
-        if self.acc.is_main_process:  # a memmap of a deleted version stays readable until dropped
-            for old in sorted(self.work_dir.glob("v[0-9][0-9][0-9][0-9][0-9]"))[:-1]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.version += 1
-        return corpus
 
 
 # --- training data -------------------------------------------------------------------------
@@ -505,7 +447,8 @@ def pretrain(cfg: RetrieverTrainConfig, store: Optional[PassageStore], train_exa
     initial = copy.deepcopy(encoder) if cfg.compare_random_negatives else None
     pool = PassagePool(store, store_tokens, tokenizer, r.max_passage_length)
     matcher = AnswerMatcher(pool.text)
-    indexer = Indexer(cfg, tokenizer, pool, acc, out_dir / "index") if store is not None else None
+    indexer = (Indexer(tokenizer, pool, acc, out_dir / "index", cfg.loss.score, cfg.mining.index, cfg.eval.batch_size)
+               if store is not None else None)
     started = _read_start(out_dir, train_examples) if resume else None
     # The starting encoder's index serves the first evaluation, distant supervision and the
     # first mining round: one encoding of the corpus instead of three.
@@ -550,7 +493,8 @@ def pretrain(cfg: RetrieverTrainConfig, store: Optional[PassageStore], train_exa
         logger.info("trained retriever saved to %s (index of the corpus under it: %s)", out_dir, out_dir / "index")
     if initial is not None:
         cfg_random = replace(cfg, mining=replace(cfg.mining, strategy="random"))
-        control = Indexer(cfg, tokenizer, pool, acc, out_dir / "index_random_negatives") if indexer else None
+        control = (Indexer(tokenizer, pool, acc, out_dir / "index_random_negatives", cfg.loss.score, cfg.mining.index,
+                           cfg.eval.batch_size) if indexer else None)
         res = train(cfg_random, initial, tokenizer, pool, matcher, items, out_dir, acc, tag="random_negatives",
                     resume=resume)
         metrics.update({k: v for k, v in evaluate(initial, "_after_pretraining_random_negatives",

