@@ -215,7 +215,11 @@ def stage_reader(cfg: DemoConfig, files: dict, examples: list[tuple[str, str, st
 def stage_train(cfg: DemoConfig, out: Path, files: dict) -> tuple[TrainConfig, dict]:
     from rag_e2e.train_rag import train
 
-    tcfg = replace(cfg.train, out_dir=str(out / "rag"),
+    # The pretrained retriever's own index of the corpus (the paper's fixed document index): the
+    # joint stage serves it instead of encoding the passages again.
+    current = out / "retriever" / "index" / "CURRENT"
+    index_dir = str(current.parent / current.read_text().strip() / "index") if current.is_file() else ""
+    tcfg = replace(cfg.train, out_dir=str(out / "rag"), index_dir=cfg.train.index_dir or index_dir,
                    retriever=replace(cfg.train.retriever, query_model=str(out / "retriever")),
                    generator=replace(cfg.train.generator, model=files["generator"],
                                      from_scratch=cfg.train.generator.from_scratch and not cfg.reader.steps),

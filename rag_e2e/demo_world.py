@@ -451,11 +451,11 @@ def _article(rng: random.Random, e: _Entity, min_words: int, max_words: int,
     fillers = [_fill(t, e, rng) for t in rng.sample(FILLERS[e.kind], len(FILLERS[e.kind]))]
     out = []
     for c in range(chunks):
-        part = facts[c::chunks]
+        part, own = facts[c::chunks], fillers[c::chunks]  # every passage gets fillers of its own
         target = rng.randint(min_words, max_words)
         sentences = ([_fill(rng.choice(INTROS[e.kind]), e, rng)] if c == 0 else []) + [s for _, s in part]
-        while fillers and sum(len(s.split()) for s in sentences) < target:
-            sentences.insert(rng.randint(1 if c == 0 else 0, len(sentences)), fillers.pop())
+        while own and sum(len(s.split()) for s in sentences) < target:
+            sentences.insert(rng.randint(1 if c == 0 else 0, len(sentences)), own.pop())
         out.append((" ".join(sentences), [rel for rel, _ in part if rel]))
     return out
 

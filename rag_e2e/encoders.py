@@ -12,6 +12,7 @@ weights or not. Saved as plain transformers folders, so they load without rag_e2
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,7 @@ def _load_saved(folder: Path, **kwargs) -> PreTrainedModel:
     if any(k.split(".")[0] == "pooler" or ".pooler." in k for k in keys):
         return AutoModel.from_pretrained(folder, **kwargs)
     try:
-        return AutoModel.from_pretrained(folder, add_pooling_layer=False, **kwargs)
+        return _without_pooler(folder, **kwargs)
     except TypeError:  # a model class without a pooler option
         return AutoModel.from_pretrained(folder, **kwargs)
 
@@ -138,9 +139,27 @@ def _load_encoder(name: str, trust_remote_code: bool, from_scratch: bool = False
     if from_scratch:
         return AutoModel.from_config(config, trust_remote_code=trust_remote_code)
     try:  # the pooler head is unused (pooling is ours); leaving it out keeps DDP free of unused params
-        return AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code, add_pooling_layer=False)
+        return _without_pooler(name, trust_remote_code=trust_remote_code)
     except TypeError:
         return AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
+
+
+def _without_pooler(name: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """AutoModel without its pooler head. Pooler weights left unread are expected and not
+    reported (transformers' load report would list them); anything else missing is."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModel.from_pretrained(name, add_pooling_layer=False, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    odd = [k for key in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in info.get(key, [])
+           if "pooler" not in str(k)]
+    if odd:
+        logging.getLogger(__name__).warning("%s: weights missing, unexpected or mismatched: %s", name, odd[:10])
+    return model
 
 def load_retriever(cfg: RetrieverConfig) -> tuple[BiEncoder, object]:
     """Build the BiEncoder and its tokenizer from a RetrieverConfig.

@@ -59,3 +59,22 @@ def test_reader_data_redraws_facts_but_keeps_names_and_held_out_answers_unseen()
     asked = sum(q in held_out_questions for q, _, _ in examples)
     same = sum((q, a) in held_out for q, _, a in examples)
     assert asked > 20 and same / asked < 0.2  # the same question, (almost always) another answer
+
+
+def test_semi_hard_negatives_beat_random_ones_on_the_demo_corpus(tmp_path):
+    """The demo's retriever stage at 300 entities (1,800 passages, 6 per entity): pretraining
+    all-MiniLM-L6-v2 raises held-out recall, and mined semi-hard negatives (the sibling passages
+    of the question's entity) beat random ones at the same steps and seed. ~1 minute."""
+    from rag_e2e.config import load_config
+
+    cfg = load_config(demo.DemoConfig, demo.DEFAULT_CONFIG,
+                      ["world.n_entities=300", "world.n_train=900", "world.n_dev=8", "world.n_test=100",
+                       "pretrain.optim.max_steps=12", "reader.steps=0"])
+    files = demo.stage_world(cfg, tmp_path)
+    m = demo.stage_pretrain(cfg, tmp_path, files)
+    assert m["recall_match"] == "gold" and m["steps"] == 12
+    for k in (1, 5):
+        assert m[f"recall@{k}_after_pretraining"] > m[f"recall@{k}_before_pretraining"], (k, m)
+    # measured: recall@1 60 vs 41, recall@5 97 vs 90 (before: 40 / 76)
+    assert m["recall@1_after_pretraining"] >= m["recall@1_after_pretraining_random_negatives"] + 10, m
+    assert m["recall@5_after_pretraining"] > m["recall@5_after_pretraining_random_negatives"], m
