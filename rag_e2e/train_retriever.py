@@ -133,12 +133,13 @@ class TrainItem:
 
 def prepare_items(examples: Sequence, pool: PassagePool, matcher: AnswerMatcher, encoder, tokenizer,
                   cfg: RetrieverTrainConfig, device, corpus: Optional[CorpusIndex] = None, acc=None,
-                  positives: Optional[Sequence[int]] = None) -> tuple[list[TrainItem], dict]:
-    """Examples -> TrainItems. The first positive ctx is the positive (as in DPR); examples
-    without one get the best retrieved passage containing an answer (distant supervision,
-    searched in `corpus` by the main process and broadcast); those left without are skipped,
-    counted and logged. `positives`: every example's pool id (-1: none) from an earlier
-    start of the same run, instead of distant supervision."""
+                  positives: Optional[Sequence[int]] = None) -> tuple[list[TrainItem], dict, list[int]]:
+    """Examples -> (TrainItems, counts, every example's positive pool id or -1).
+
+    The first positive ctx is the positive (as in DPR); examples without one get the best
+    retrieved passage containing an answer (distant supervision, searched in `corpus` by the
+    main process and broadcast); those left without are skipped, counted and logged.
+    `positives`: the third value of an earlier start of the same run, instead of searching."""
     for i, ex in enumerate(examples):
         if not ex.answers:
             raise ValueError(f"training example {i} (qid {ex.qid}) has no answers")
