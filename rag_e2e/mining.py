@@ -223,7 +223,7 @@ def mine(encoder, tokenizer, pool: PassagePool, corpus: CorpusIndex, qids: Seque
     r = retrieve(encoder, tokenizer, corpus, questions, top_m, max_query_length, batch_size, device)
     pos_vecs = _positive_vectors(encoder, tokenizer, pool, pos_ids, corpus, batch_size, device)
     pos_scores = (r.queries * pos_vecs).sum(1).astype(np.float32)  # (q,)
-    excluded = r.ids == pos_ids[:, None]  # (q, m)
+    excluded = (r.ids == pos_ids[:, None]) | (r.ids < 0)  # (q, m); -1: an approximate index found fewer
     for i in tqdm(range(len(pos_ids)), desc="checking mined candidates for answers", unit=" q",
                   disable=None, mininterval=2.0):
         for j in np.flatnonzero(~excluded[i]):

@@ -216,7 +216,7 @@ def distant_positives(retrieved: Retrieved, answers: Sequence[Sequence[str]], ma
     out = np.full(len(answers), -1, dtype=np.int64)
     for i, ans in enumerate(answers):
         for pid in retrieved.ids[i]:
-            if matcher.contains(int(pid), ans):
+            if pid >= 0 and matcher.contains(int(pid), ans):  # -1: an approximate index found fewer
                 out[i] = pid
                 break
     return out
@@ -251,7 +251,7 @@ def evaluate_retrieval(encoder, tokenizer, store: PassageStore, examples: Sequen
         hits = [[int(z) in g for z in row] for g, row in zip(gold, r.ids)]
     elif match == "answer":
         matcher = AnswerMatcher(pool.text)
-        hits = [[matcher.contains(int(z), ex.answers) for z in row] for ex, row in zip(examples, r.ids)]
+        hits = [[z >= 0 and matcher.contains(int(z), ex.answers) for z in row] for ex, row in zip(examples, r.ids)]
     else:
         raise ValueError(f"match must be 'auto', 'answer' or 'gold', got {match!r}")
     return {**retrieval_recall(hits, ks), "recall_match": match}

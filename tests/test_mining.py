@@ -205,3 +205,28 @@ def test_distant_positive_is_the_best_ranked_passage_with_an_answer(setup):
     found = distant_positives(r, [("colour5",), ("no such answer",)], m)
     first = next(int(z) for z in r.ids[0] if has_answer(TEXTS[z], ["colour5"]))
     assert found.tolist() == [first, -1]
+
+
+def test_ids_an_approximate_index_could_not_fill_are_never_negatives(setup):
+    """hnsw/ivf may return -1 where fewer than k passages were reached: excluded, never read."""
+    from rag_e2e.retrieval import CorpusIndex
+
+    tok, store, tp, enc = setup
+    pool = PassagePool(store, tp, tok, 32)
+    pool.finalize()
+    exact = index_corpus(enc, tok, pool)
+
+    class Short:  # the exact index, but only 3 results per question, then -1
+        ntotal, dim = exact.index.ntotal, exact.index.dim
+
+        def search(self, q, k):
+            scores, ids = exact.index.search(q, k)
+            scores[:, 3:], ids[:, 3:] = -np.inf, -1
+            return scores, ids
+
+    mc = mine(enc, tok, pool, CorpusIndex(Short(), exact.vectors), ["a"], ["which town has colour1"], [("colour1",)],
+              [1], AnswerMatcher(pool.text), top_m=10, max_query_length=16)
+    assert mc.excluded[0, 3:].all() and (mc.cand_ids[0, 3:] == -1).all()
+    negs, _ = select_negatives(MiningConfig(strategy="hardest", num_negatives=5, fill_random=False),
+                               np.random.default_rng(0), [1], [("colour1",)], AnswerMatcher(pool.text), len(pool), mc)
+    assert -1 not in negs[0] and len(negs[0]) <= 3
