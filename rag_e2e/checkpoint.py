@@ -33,6 +33,21 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_pretrained_beside(obj, out_dir: str | os.PathLike, **kwargs) -> None:
+    """`obj.save_pretrained(tmp, **kwargs)` into `<out_dir>.tmp`, then each entry renamed into
+    `out_dir` (which may already hold other files, e.g. a tokenizer beside a model; an entry of
+    the same name, an earlier save, is replaced): nothing is ever half-written there."""
+    out, tmp = Path(out_dir), Path(f"{out_dir}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    obj.save_pretrained(str(tmp), **kwargs)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir()):
+        if (out / f.name).is_dir():  # os.replace cannot replace a non-empty folder
+            shutil.rmtree(out / f.name)
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
 def rng_state() -> dict:
     """Every RNG that a training step draws from, as tensors and plain lists (weights_only-safe)."""
     version, state, gauss = random.getstate()

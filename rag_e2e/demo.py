@@ -176,7 +176,7 @@ def stage_reader(cfg: DemoConfig, files: dict, examples: list[tuple[str, str, st
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, get_scheduler
 
-    from rag_e2e.demo_world import save_pretrained_beside
+    from rag_e2e.checkpoint import save_pretrained_beside
     from rag_e2e.pipeline import seed_everything
 
     r, g = cfg.reader, cfg.train.generator

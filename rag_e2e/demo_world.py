@@ -22,13 +22,14 @@ import json
 import os
 import random
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
+
+from rag_e2e.checkpoint import save_pretrained_beside
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # BART's ids 0..4
 _ONSETS = "b br d dr f g gr h k kr l m n p pr r s st t tr v z th sh".split()
@@ -584,18 +585,6 @@ def world_texts(world: World) -> list[str]:
     texts = [t for p in world.passages for t in (p.title, p.text)]
     texts += [t for split in (world.train, world.dev, world.test) for q in split for t in [q.question] + q.answers]
     return texts
-
-
-def save_pretrained_beside(obj, out_dir: str | os.PathLike) -> None:
-    """`obj.save_pretrained` into `<out_dir>.tmp`, then rename file by file into `out_dir`
-    (which may already hold other files, e.g. a tokenizer beside a model): nothing half-written."""
-    out, tmp = Path(out_dir), Path(f"{out_dir}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    obj.save_pretrained(str(tmp))
-    out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(tmp.iterdir()):
-        os.replace(f, out / f.name)
-    tmp.rmdir()
 
 
 def build_word_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike | None = None,

@@ -25,8 +25,9 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from rag_e2e.embed import unit_rows
 from rag_e2e.index import IndexConfig
-from rag_e2e.retrieval import AnswerMatcher, CorpusIndex, PassagePool, unit_rows, retrieve
+from rag_e2e.retrieval import AnswerMatcher, CorpusIndex, PassagePool, retrieve
 
 logger = logging.getLogger(__name__)
 

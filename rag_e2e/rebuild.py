@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from rag_e2e.embed import encode_passages
+from rag_e2e.embed import encode_passages, unit_rows
 from rag_e2e.index import FaissIndex, IndexConfig, build_index, encoder_fingerprint, index_params, load_index
 from rag_e2e.passages import TokenizedPassages
 
@@ -232,9 +232,7 @@ def build_version(encoder, passages: TokenizedPassages, pad_id: int, cfg: Rebuil
         rows = np.array_split(np.arange(len(passages)), world)[rank]
         part = encode_passages(encoder, passages, pad_id, batch_size=cfg.batch_size, rows=rows,
                                max_tokens=cfg.max_tokens, progress=rank == 0)  # (n_r, d)
-        if normalize:
-            unit = part.astype(np.float32)
-            part = (unit / np.linalg.norm(unit, axis=1, keepdims=True).clip(min=1e-12)).astype(np.float16)
+        part = unit_rows(part) if normalize else part
         np.save(tmp / f"part-{rank:03d}.npy", part)
     except Exception as e:  # noqa: BLE001 - reported to every process below
         error = e

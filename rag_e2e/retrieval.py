@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from rag_e2e.embed import unit_rows
 from rag_e2e.metrics import dpr_tokenize, retrieval_recall
 from rag_e2e.passages import PassageStore, TokenizedPassages, tokenize_passages
 
@@ -155,11 +156,6 @@ class CorpusIndex:
         return scores, ids.astype(np.int64)
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    x32 = x.astype(np.float32)
-    return (x32 / np.linalg.norm(x32, axis=1, keepdims=True).clip(min=1e-12)).astype(x.dtype)
-
-
 def index_corpus(encoder, tokenizer, pool: PassagePool, score: str = "dot", index_cfg=None, batch_size: int = 0,
                  device=None, work_dir: Optional[str | os.PathLike] = None, version: int = 0, step: int = 0,
                  accelerator=None) -> Optional[CorpusIndex]:
@@ -268,12 +264,22 @@ class Indexer:
         self.score, self.index_cfg, self.batch_size = score, index_cfg, batch_size
         done = sorted(self.work_dir.glob("v[0-9][0-9][0-9][0-9][0-9]"))
         self.version = int(done[-1].name[1:]) + 1 if done else 0
+        self._last: Optional[tuple[int, Optional[CorpusIndex]]] = None  # (step, index) until released
 
     def __call__(self, encoder, step: int) -> Optional[CorpusIndex]:
+        """The index under `encoder` at optimizer step `step`; built once per step (the caller
+        takes no step in between), so a second call at the same step encodes nothing."""
+        if self._last is not None and self._last[0] == step:
+            return self._last[1]
         corpus = index_corpus(encoder, self.tokenizer, self.pool, self.score, self.index_cfg, self.batch_size,
                               self.acc.device, self.work_dir, self.version, step, self.acc)
         if self.acc.is_main_process:  # a memmap of a deleted version stays readable until dropped
             for old in sorted(self.work_dir.glob("v[0-9][0-9][0-9][0-9][0-9]"))[:-1]:
                 shutil.rmtree(old, ignore_errors=True)
         self.version += 1
+        self._last = (step, corpus)
         return corpus
+
+    def release(self) -> None:
+        """Drop the index in memory (it stays on disk); the next call builds anew."""
+        self._last = None

@@ -33,6 +33,7 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import torch
 
+from rag_e2e.checkpoint import save_pretrained_beside
 from rag_e2e.config import load_config, save_config
 from rag_e2e.encoders import BiEncoder, RetrieverConfig, load_retriever
 from rag_e2e.inputs import pad, query_inputs
@@ -233,12 +234,10 @@ def _mining_epoch(epoch: int, m: MiningConfig) -> int:
 
 def _negatives(epoch: int, step: int, cfg: RetrieverTrainConfig, items: list[TrainItem], pool: PassagePool,
                matcher: AnswerMatcher, encoder, tokenizer, acc, out_dir: Path,
-               mined: tuple[int, Optional[MinedCandidates]], indexer: Optional[Indexer],
-               fresh: Optional[tuple[Optional[CorpusIndex]]] = None):
+               mined: tuple[int, Optional[MinedCandidates]], indexer: Optional[Indexer]):
     """This epoch's negatives; mines from the corpus indexed under the current encoder first
-    when due (`fresh`: (that index,) when it was just built; None on the other processes).
-    The main process mines and saves the candidates; every process reads them back. A round
-    already on disk (a resumed run) is read, not mined again. `mined`: (epoch mined,
+    when due. The main process mines and saves the candidates; every process reads them back.
+    A round already on disk (a resumed run) is read, not mined again. `mined`: (epoch mined,
     candidates) in use. Returns (negatives, (epoch mined, candidates), counts)."""
     m = cfg.mining
     mined_at, candidates = mined
@@ -248,14 +247,13 @@ def _negatives(epoch: int, step: int, cfg: RetrieverTrainConfig, items: list[Tra
         if at == 0 and m.candidates_file:
             path = Path(m.candidates_file)
         if candidates is None or mined_at != at:
-            # No process can see the file appear before all have checked: the main process
-            # writes it only after the index build, which every process joins.
+            # Processes agree on whether the file exists: unless the index of this step is
+            # already built (then no process has to join anything), the main process writes
+            # it only after the index build, which every process joins.
             if not path.is_file():
-                if fresh is None:
-                    if indexer is None:
-                        raise ValueError(f"mining.strategy={m.strategy} needs a corpus: set data.passages")
-                    fresh = (indexer(encoder, step),)
-                corpus = fresh[0]
+                if indexer is None:
+                    raise ValueError(f"mining.strategy={m.strategy} needs a corpus: set data.passages")
+                corpus = indexer(encoder, step)
                 if acc.is_main_process:
                     mine(encoder, tokenizer, pool, corpus, [it.qid for it in items], [it.question for it in items],
                          [it.answers for it in items], [it.pos for it in items], matcher, m.top_m,
@@ -310,13 +308,11 @@ def _restore(root: Path, encoder: BiEncoder, opt, sched, temperature) -> int:
 
 
 def train(cfg: RetrieverTrainConfig, encoder: BiEncoder, tokenizer, pool: PassagePool, matcher: AnswerMatcher,
-          items: list[TrainItem], out_dir: Path, acc, tag: str = "",
-          corpus: Optional[tuple[Optional[CorpusIndex]]] = None, indexer: Optional[Indexer] = None,
+          items: list[TrainItem], out_dir: Path, acc, tag: str = "", indexer: Optional[Indexer] = None,
           resume: bool = False, stop_after: int = 0) -> dict:
     """Train `encoder` in place for cfg.optim.epochs (or max_steps); returns training figures.
-    `corpus`: (the store indexed under the starting encoder,), if built (None on processes
-    other than the main one): it saves an encoding for the first mining round. `indexer`
-    indexes the store under the current encoder for later rounds. `resume`:
+    `indexer` indexes the store under the current encoder for the mining rounds (an index
+    it already built at step 0, for the first evaluation, serves the first round). `resume`:
     continue from the latest checkpoint in out_dir/checkpoints[_tag]; `stop_after`: end
     after that step (as a killed job would; tests)."""
     from torch.utils.tensorboard import SummaryWriter
@@ -349,7 +345,9 @@ def train(cfg: RetrieverTrainConfig, encoder: BiEncoder, tokenizer, pool: Passag
         if step >= total or (stop_after and step >= stop_after):
             break
         negatives, mined, counts = _negatives(epoch, step, cfg, items, pool, matcher, encoder, tokenizer, acc,
-                                              out_dir, mined, indexer, corpus if step == 0 else None)
+                                              out_dir, mined, indexer)
+        if indexer is not None:
+            indexer.release()  # the index served mining; the steps do not need it in memory
         encoder.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(items))
         for s in range(step - epoch * per_epoch, per_epoch):
@@ -389,22 +387,6 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def _save_encoder(encoder: BiEncoder, tokenizer, out_dir: Path) -> None:
-    """encoder.save_pretrained into out_dir/.tmp-retriever, then each entry renamed into out_dir
-    (replacing an earlier save of the same run): out_dir never holds a half-written encoder."""
-    import shutil
-
-    tmp = out_dir / ".tmp-retriever"
-    shutil.rmtree(tmp, ignore_errors=True)
-    encoder.save_pretrained(tmp, tokenizer)
-    for f in sorted(tmp.iterdir()):
-        target = out_dir / f.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(f, target)
-    tmp.rmdir()
 
 
 def _read_start(out_dir: Path, examples: Sequence) -> Optional[dict]:
@@ -479,18 +461,17 @@ def pretrain(cfg: RetrieverTrainConfig, store: Optional[PassageStore], train_exa
         items, _, _ = prepare_items(train_examples, pool, matcher, encoder, tokenizer, cfg, acc.device,
                                     positives=started["positives"])
     acc.wait_for_everyone()
-    metrics.update(train(cfg, encoder, tokenizer, pool, matcher, items, out_dir, acc,
-                         corpus=(corpus0,) if indexer is not None and wanted else None,
-                         indexer=indexer, resume=resume, stop_after=stop_after))
+    del corpus0  # the indexer keeps it for the first mining round
+    metrics.update(train(cfg, encoder, tokenizer, pool, matcher, items, out_dir, acc, indexer=indexer,
+                         resume=resume, stop_after=stop_after))
     if stop_after:
         return metrics  # stopped early on purpose (tests of resume): nothing final is written
-    del corpus0
     after = evaluate(encoder, "_after_pretraining", indexer(encoder, metrics["steps"]) if indexer else None)
     # plain recall@K (the trained retriever's), as every stage's metrics.json reports it
     metrics.update(after, **{k.replace("_after_pretraining", ""): v for k, v in after.items()
                              if k.startswith("recall@")})
     if acc.is_main_process:
-        _save_encoder(encoder, tokenizer, out_dir)
+        save_pretrained_beside(encoder, out_dir, tokenizer=tokenizer)
         logger.info("trained retriever saved to %s (index of the corpus under it: %s)", out_dir, out_dir / "index")
     if initial is not None:
         cfg_random = replace(cfg, mining=replace(cfg.mining, strategy="random"))
