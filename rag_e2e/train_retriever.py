@@ -433,6 +433,8 @@ def pretrain(cfg: RetrieverTrainConfig, store: Optional[PassageStore], train_exa
     indexer = (Indexer(tokenizer, pool, acc, out_dir / "index", cfg.loss.score, cfg.mining.index, cfg.eval.batch_size)
                if store is not None else None)
     started = _read_start(out_dir, train_examples) if resume else None
+    if acc.is_main_process:  # after the check: a refused --resume leaves the run as it was
+        save_config(cfg, out_dir / "config.yaml")
     # The starting encoder's index serves the first evaluation, distant supervision and the
     # first mining round: one encoding of the corpus instead of three.
     mines = cfg.mining.strategy in ("hardest", "semi_hard") and not cfg.mining.candidates_file
@@ -525,8 +527,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     store = read_passages(cfg.data.passages, cfg.data.cache_dir) if cfg.data.passages else None
     train_examples, skipped = _load_examples(cfg.data.train, cfg.data.on_missing_positive)
     dev_examples = _load_examples(cfg.data.dev, cfg.data.on_missing_positive)[0] if cfg.data.dev else []
-    if state.is_main_process:
-        save_config(cfg, out / "config.yaml")
     metrics = pretrain(cfg, store, train_examples, dev_examples, out, resume=args.resume)
     if skipped and state.is_main_process:
         metrics.update({f"train_skipped_{k}": v for k, v in skipped.items()})

@@ -236,6 +236,12 @@ def test_a_killed_run_resumes_to_the_same_encoder_and_metrics(world, tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step-00000012"
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000012"]
     assert not (out / "metrics.json").exists() and not (out / "query_encoder").exists()
+    other = tmp_path / "other.json"  # --resume with other training questions: not the same run
+    other.write_text(json.dumps(json.loads((world / "train.json").read_text())[:60]))
+    config = (out / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="start.json is for other training questions"):
+        main(_args(world, out, *extra, f"data.train={other}") + ["--resume"])
+    assert (out / "config.yaml").read_text() == config
     resumed = main(_args(world, out, *extra) + ["--resume"])
     assert resumed["steps"] == full["steps"] == 20
     for key in ("recall@1_before_pretraining", "recall@1_after_pretraining", "recall@20_after_pretraining",
